@@ -1,0 +1,3 @@
+from defectae.cli import main
+
+main()

@@ -1,0 +1,233 @@
+"""The `defectae` command line: turns arguments into a typed profile and calls one module's `run`.
+
+No logic lives here. Each command module returns a summary dict, printed by `--json`.
+User errors (DefectaeError) become one red line and exit code 2; Ctrl-C exits with 130.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from defectae import console
+from defectae.errors import DefectaeError
+
+app = typer.Typer(
+    name="defectae",
+    help="Unsupervised visual defect detection with autoencoders.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+profiles_app = typer.Typer(help="List and show profiles.", no_args_is_help=True)
+app.add_typer(profiles_app, name="profiles")
+
+ProfileOpt = Annotated[
+    Optional[str],
+    typer.Option("--profile", "-p", help="DATASET-MODEL name or path/to/profile.toml."),
+]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", help="Override a profile key: section.key=value (repeatable)."),
+]
+RootOpt = Annotated[Optional[str], typer.Option("--root", help="Override the dataset root folder.")]
+
+
+@app.callback()
+def _global(
+    verbose: Annotated[bool, typer.Option("--verbose/--quiet", "-v/-q", help="More or less output.")] = None,  # type: ignore[assignment]
+    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout (and nothing else).")] = False,
+) -> None:
+    console.mode.verbose = verbose is True
+    console.mode.quiet = verbose is False
+    console.mode.json = json_out
+
+
+def _profile(name: str | None, sets: list[str] | None, root: str | None, required: bool = True):
+    from defectae import profiles
+
+    if name is None:
+        if required:
+            raise DefectaeError("--profile: expected a profile name (see `defectae profiles list`) or a .toml path")
+        return None
+    return profiles.resolve(name, sets or [], root)
+
+
+def _done(summary: dict[str, Any]) -> None:
+    console.emit_json(summary)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+@app.command()
+def prepare(
+    profile: ProfileOpt = None,
+    sets: SetOpt = None,
+    root: RootOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output HDF5 file.")] = None,
+    synthetic: Annotated[
+        Optional[str], typer.Option("--synthetic", help="Generate a procedural texture dataset: woven or grid.")
+    ] = None,
+    download: Annotated[Optional[str], typer.Option("--download", help="Fetch and unpack a dataset archive first.")] = None,
+    sha256: Annotated[Optional[str], typer.Option("--sha256", help="Expected SHA-256 of the archive.")] = None,
+) -> None:
+    """Read a dataset and write one prepared HDF5 file (train / validation / test with masks)."""
+    from defectae import prepare as command
+
+    _done(command.run(profile=profile, sets=sets or [], root=root, out=out, synthetic=synthetic,
+                      download=download, sha256=sha256))
+
+
+@app.command()
+def augment(
+    profile: ProfileOpt = None,
+    sets: SetOpt = None,
+    root: RootOpt = None,
+    prepared: Annotated[Optional[Path], typer.Option("--prepared", help="Input prepared.h5.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output patches.h5.")] = None,
+) -> None:
+    """Sample augmented training and validation patches into an HDF5 patch dataset."""
+    from defectae import augment as command
+
+    _done(command.run(_profile(profile, sets, root), prepared=prepared, out=out))
+
+
+@app.command()
+def train(
+    profile: ProfileOpt = None,
+    sets: SetOpt = None,
+    root: RootOpt = None,
+    patches: Annotated[Optional[Path], typer.Option("--patches", help="Input patches.h5.")] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in RUN_DIR from last.pt.")] = None,
+    amp: Annotated[Optional[str], typer.Option("--amp", help="auto, bf16, fp16 or off.")] = None,
+    compile: Annotated[Optional[str], typer.Option("--compile", help="on or off.")] = None,
+    find_batch_size: Annotated[bool, typer.Option("--find-batch-size", help="Find the largest batch that fits, then stop.")] = False,
+    write_batch_size: Annotated[bool, typer.Option("--write-batch-size", help="With --find-batch-size: train with it.")] = False,
+) -> None:
+    """Train a model on the patch dataset (AMP, torch.compile, early stopping, resume, DDP)."""
+    from defectae import train as command
+
+    prof = None if resume is not None and profile is None else _profile(profile, sets, root)
+    _done(command.run(prof, patches=patches, resume=resume, amp=amp, compile=compile,
+                      find_batch_size=find_batch_size, write_batch_size=write_batch_size))
+
+
+@app.command("tile-test")
+def tile_test(
+    profile: ProfileOpt = None,
+    sets: SetOpt = None,
+    root: RootOpt = None,
+    run: Annotated[Optional[Path], typer.Option("--run", help="Run folder (default: the profile's latest).")] = None,
+    prepared: Annotated[Optional[Path], typer.Option("--prepared", help="Input prepared.h5.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output residuals.h5.")] = None,
+    export_maps: Annotated[Optional[Path], typer.Option("--export-maps", help="Write MVTec-evaluator TIFF maps here.")] = None,
+) -> None:
+    """Reconstruct every test and validation image by sliding window and write residual maps."""
+    from defectae import tile_test as command
+
+    _done(command.run(_profile(profile, sets, root, required=run is None), run=run, prepared=prepared,
+                      out=out, export_maps=export_maps))
+
+
+@app.command()
+def score(
+    profile: ProfileOpt = None,
+    sets: SetOpt = None,
+    root: RootOpt = None,
+    run: Annotated[Optional[Path], typer.Option("--run", help="Run folder (default: the profile's latest).")] = None,
+    residuals: Annotated[Optional[Path], typer.Option("--residuals", help="Input residuals.h5.")] = None,
+    gt: Annotated[Optional[Path], typer.Option("--gt", help="Ground-truth folder in MVTec layout.")] = None,
+    protocol: Annotated[str, typer.Option("--protocol", help="mvtec or radli.")] = "mvtec",
+    out: Annotated[Optional[Path], typer.Option("--out", help="Report folder.")] = None,
+) -> None:
+    """Compute image and pixel metrics and write metrics.json, figures and index.html."""
+    from defectae import score as command
+
+    _done(command.run(_profile(profile, sets, root, required=False), run=run, residuals=residuals, gt=gt,
+                      protocol=protocol, out=out))
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Option("--run", help="Run folder with a checkpoint.")],
+    format: Annotated[str, typer.Option("--format", help="torchscript, onnx or all.")] = "all",
+    int8: Annotated[bool, typer.Option("--int8", help="Also write an INT8-quantized CPU model.")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default RUN/export).")] = None,
+) -> None:
+    """Export the model and the whole-image inspector, verified against the eager model."""
+    from defectae import export as command
+
+    _done(command.run(run=run, format=format, int8=int8, out=out))
+
+
+@app.command()
+def bench(
+    profile: Annotated[Optional[list[str]], typer.Option("--profile", "-p", help="Profiles to benchmark (repeatable).")] = None,
+    sets: SetOpt = None,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    out: Annotated[Optional[Path], typer.Option("--out", help="Where to write bench.json.")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Few repetitions (for smoke tests).")] = False,
+) -> None:
+    """Measure parameters, FLOPs, throughput, latency and memory; write bench.json."""
+    from defectae import bench as command
+
+    _done(command.run(profiles=profile or [], sets=sets or [], device=device, out=out, quick=quick))
+
+
+@app.command()
+def models() -> None:
+    """List every model family with its parameter count and FLOPs per patch."""
+    from defectae.models import catalogue
+
+    _done(catalogue.run())
+
+
+@profiles_app.command("list")
+def profiles_list() -> None:
+    """List dataset and model profiles (combine them as DATASET-MODEL)."""
+    from defectae.profiles import catalogue
+
+    _done(catalogue.list_profiles())
+
+
+@profiles_app.command("show")
+def profiles_show(
+    name: Annotated[str, typer.Argument(help="DATASET-MODEL or path/to/profile.toml.")],
+    sets: SetOpt = None,
+    root: RootOpt = None,
+) -> None:
+    """Print the fully resolved profile as TOML."""
+    from defectae.profiles import catalogue
+
+    _done(catalogue.show(_profile(name, sets, root)))
+
+
+def main() -> None:
+    """Console entry point: one red line and exit 2 for user errors, 130 for Ctrl-C."""
+    try:
+        app(standalone_mode=False)
+    except DefectaeError as e:
+        console.error(str(e))
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.error("interrupted")
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except (typer.Abort,):
+        sys.exit(130)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Terminal output: human messages on stderr, the `--json` summary alone on stdout.
+
+Every command reports through here so that `--json` output is never mixed with
+progress bars or tables, and `--quiet` / `--verbose` mean the same everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+T = TypeVar("T")
+
+stderr = Console(stderr=True, highlight=False)
+stdout = Console(highlight=False, soft_wrap=True)
+
+
+@dataclass
+class OutputMode:
+    """Global output options, set once by the CLI callback."""
+
+    verbose: bool = False
+    quiet: bool = False
+    json: bool = False
+
+
+mode = OutputMode()
+
+
+def info(message: str) -> None:
+    """A normal progress message (suppressed by --quiet)."""
+    if not mode.quiet:
+        stderr.print(message)
+
+
+def debug(message: str) -> None:
+    """Detail shown only with --verbose."""
+    if mode.verbose and not mode.quiet:
+        stderr.print(f"[dim]{message}[/dim]")
+
+
+def warn(message: str) -> None:
+    """A one-line warning; shown even with --quiet."""
+    stderr.print(f"[yellow]warning:[/yellow] {message}")
+
+
+def error(message: str) -> None:
+    """The one red line for a user error."""
+    stderr.print(f"[bold red]error:[/bold red] {message}", soft_wrap=True)
+
+
+def show(renderable: Any) -> None:
+    """Print a rich table or panel for humans (stderr when --json owns stdout)."""
+    if mode.quiet:
+        return
+    (stderr if mode.json else stdout).print(renderable)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "__fspath__"):
+        return str(value)
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        return value.item()
+    return value
+
+
+def emit_json(summary: dict[str, Any]) -> None:
+    """Print the machine-readable summary on stdout when --json was given."""
+    if mode.json:
+        print(json.dumps(_jsonable(summary), indent=2, sort_keys=False), flush=True)
+
+
+def progress() -> Progress:
+    """A rich progress display on stderr, hidden with --quiet."""
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=stderr,
+        disable=mode.quiet,
+        transient=False,
+    )
+
+
+def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+    """Iterate with a progress bar."""
+    with progress() as bar:
+        task = bar.add_task(description, total=total if total is not None else _len(items))
+        for item in items:
+            yield item
+            bar.advance(task)
+
+
+def _len(items: Iterable[Any]) -> int | None:
+    try:
+        return len(items)  # type: ignore[arg-type]
+    except TypeError:
+        return None

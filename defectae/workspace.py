@@ -1,0 +1,56 @@
+"""Where outputs go by default, so every command finds the previous one's result.
+
+    work/DATASET/prepared.h5            prepare
+    work/PROFILE/patches.h5             augment
+    runs/PROFILE/TIMESTAMP/             train (checkpoints, metrics.jsonl, tensorboard/)
+    runs/PROFILE/TIMESTAMP/residuals.h5 tile-test
+    runs/PROFILE/TIMESTAMP/score/       score (metrics.json, figures, index.html)
+
+The base folder is the current directory, or $DEFECTAE_HOME when set.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from defectae.errors import DefectaeError
+from defectae.profiles import Profile
+
+
+def home() -> Path:
+    return Path(os.environ.get("DEFECTAE_HOME", "."))
+
+
+def prepared_path(profile: Profile) -> Path:
+    return home() / "work" / profile.dataset.name / "prepared.h5"
+
+
+def patches_path(profile: Profile) -> Path:
+    return home() / "work" / profile.name / "patches.h5"
+
+
+def runs_root(profile: Profile) -> Path:
+    return home() / "runs" / profile.name
+
+
+def new_run_dir(profile: Profile) -> Path:
+    """A fresh, timestamped run folder (suffixed if two runs start in the same second)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = runs_root(profile) / stamp
+    path, n = base, 1
+    while path.exists():
+        path = base.with_name(f"{stamp}-{n}")
+        n += 1
+    path.mkdir(parents=True)
+    return path
+
+
+def latest_run(profile: Profile) -> Path:
+    """The newest run folder of a profile holding a checkpoint."""
+    root = runs_root(profile)
+    runs = sorted(p for p in root.glob("*") if (p / "last.pt").is_file() or (p / "best.pt").is_file())
+    if not runs:
+        raise DefectaeError(f"{root}: no training run with a checkpoint; run `defectae train --profile {profile.name}` first")
+    return runs[-1]
