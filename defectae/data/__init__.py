@@ -1,0 +1,1 @@
+"""Dataset layouts, preparation, patch sampling, corruptions and the HDF5 stores."""

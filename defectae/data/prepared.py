@@ -1,0 +1,140 @@
+"""The prepared HDF5 file: train / validation / test images, masks and labels at one size.
+
+Layout (each of the groups "train", "validation", "test"):
+    images (N, C, H, W) uint8, masks (N, 1, H, W) uint8 in {0, 1}, labels (N,) uint8,
+    defect_types (N,) str ("good" for good images), names (N,) str, files (N,) str,
+    orig_sizes (N, 2) int32 (H, W before resizing).
+File attributes: format, format_version, layout, source, category, image_size, color,
+channels, dataset (JSON of the dataset profile), version.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from defectae import __version__
+from defectae.errors import DefectaeError
+from defectae.files import atomic_path
+
+FORMAT = "defectae-prepared"
+FORMAT_VERSION = 1
+SPLITS = ("train", "validation", "test")
+FIELDS = ("images", "masks", "labels", "defect_types", "names", "files", "orig_sizes")
+
+
+@dataclass
+class PreparedSplit:
+    """One split held in memory (used for writing, and for reading small files)."""
+
+    images: np.ndarray  # (N, C, H, W) uint8
+    masks: np.ndarray  # (N, 1, H, W) uint8 in {0, 1}
+    labels: np.ndarray  # (N,) uint8
+    defect_types: list[str]
+    names: list[str]
+    files: list[str]
+    orig_sizes: np.ndarray  # (N, 2) int32
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @classmethod
+    def empty(cls, channels: int, size: tuple[int, int]) -> PreparedSplit:
+        h, w = size
+        return cls(
+            np.zeros((0, channels, h, w), np.uint8), np.zeros((0, 1, h, w), np.uint8),
+            np.zeros((0,), np.uint8), [], [], [], np.zeros((0, 2), np.int32),
+        )
+
+
+def write_prepared(path: str | Path, splits: dict[str, PreparedSplit], attrs: dict[str, Any]) -> Path:
+    """Write all splits atomically; `attrs` are stored as file attributes (dicts as JSON)."""
+    path = Path(path)
+    strings = h5py.string_dtype()
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w", track_order=True) as f:
+            f.attrs["format"] = FORMAT
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["version"] = __version__
+            for key, value in attrs.items():
+                f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) and key != "image_size" else value
+            for name in SPLITS:
+                split = splits[name]
+                g = f.create_group(name)
+                n = len(split)
+                chunks = (1, *split.images.shape[1:]) if n else None
+                g.create_dataset("images", data=split.images, chunks=chunks, track_times=False)
+                g.create_dataset("masks", data=split.masks, chunks=(1, *split.masks.shape[1:]) if n else None,
+                                 compression="lzf" if n else None, track_times=False)
+                g.create_dataset("labels", data=np.asarray(split.labels, np.uint8), track_times=False)
+                for key in ("defect_types", "names", "files"):
+                    g.create_dataset(key, data=np.array(getattr(split, key), dtype=object), dtype=strings,
+                                     track_times=False)
+                g.create_dataset("orig_sizes", data=np.asarray(split.orig_sizes, np.int32).reshape(-1, 2),
+                                 track_times=False)
+    return path
+
+
+def open_prepared(path: str | Path, channels: int | None = None) -> h5py.File:
+    """Open a prepared file read-only after checking its format, version, groups and channels."""
+    path = Path(path)
+    if not path.is_file():
+        raise DefectaeError(f"{path}: prepared file not found; run `defectae prepare` first")
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        raise DefectaeError(f"{path}: not a readable HDF5 file") from None
+    try:
+        if f.attrs.get("format") != FORMAT:
+            raise DefectaeError(f"{path}: not a defectae prepared file (attribute format != '{FORMAT}')")
+        version = int(f.attrs.get("format_version", -1))
+        if version != FORMAT_VERSION:
+            raise DefectaeError(f"{path}: prepared format version {version}, expected {FORMAT_VERSION}; run `defectae prepare` again")
+        for split in SPLITS:
+            for key in FIELDS:
+                if f"{split}/{key}" not in f:
+                    raise DefectaeError(f"{path}: missing dataset '{split}/{key}'")
+        if channels is not None and int(f.attrs["channels"]) != channels:
+            raise DefectaeError(
+                f"{path}: images have {int(f.attrs['channels'])} channel(s), the profile expects {channels} "
+                f"(dataset.color); prepare again with this profile"
+            )
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def _strings(ds: h5py.Dataset) -> list[str]:
+    return [s.decode() if isinstance(s, bytes) else str(s) for s in ds[()]]
+
+
+def read_split(source: str | Path | h5py.File, split: str) -> PreparedSplit:
+    """Load one split fully into memory (for small files and tests)."""
+    own = not isinstance(source, h5py.File)
+    f = open_prepared(source) if own else source
+    try:
+        g = f[split]
+        return PreparedSplit(
+            images=g["images"][()], masks=g["masks"][()], labels=g["labels"][()],
+            defect_types=_strings(g["defect_types"]), names=_strings(g["names"]),
+            files=_strings(g["files"]), orig_sizes=g["orig_sizes"][()],
+        )
+    finally:
+        if own:
+            f.close()
+
+
+def read_strings(f: h5py.File, key: str) -> list[str]:
+    """A string dataset (e.g. 'test/names') as a list of str."""
+    return _strings(f[key])
+
+
+def file_attr_json(f: h5py.File, key: str) -> Any:
+    """A JSON-encoded file attribute (e.g. 'dataset')."""
+    return json.loads(f.attrs[key])
