@@ -44,6 +44,7 @@ class AitexOptions:
 
     fabrics: list[str] = opt([], doc="fabric codes to use (e.g. ['00', '01']); empty = all")
     tile_stride: int = opt(0, 0, None, doc="stride between tiles along the strip; 0 = tile width")
+    exclude: list[str] = opt([], doc="image stems to leave out (e.g. a defect strip shipped without a mask)")
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,9 @@ class DatasetConfig:
     val_fraction: float = opt(0.1, 0.0, 0.9, doc="share of defect-free training images held out for validation")
     train_list: str = opt("", doc="text file naming the training images; the other good images become test-good")
     val_list: str = opt("", doc="text file naming the validation images (overrides val_fraction)")
+    test_fraction: float = opt(
+        0.2, 0.0, 0.9, doc="folders layout without train_list: share of good images held out as test-good"
+    )
     seed: int = opt(0, 0, None)
     download_url: str = opt("", doc="archive URL for `prepare --download` (users with internet)")
     download_sha256: str = opt("", doc="expected SHA-256 of the archive")
@@ -177,6 +181,9 @@ class TrainConfig:
     n_log_images: int = opt(8, 1, 64)
     histograms: bool = opt(False, doc="weight histograms in TensorBoard")
     deterministic: bool = opt(False, doc="torch deterministic algorithms (slower)")
+    find_batch_max: int = opt(
+        4096, 1, None, doc="largest batch --find-batch-size tries (on CPU also at most half the free RAM)"
+    )
 
 
 @dataclass(frozen=True)
@@ -209,6 +216,7 @@ class ScoreConfig:
     target_fpr: float = opt(0.01, 0.0, 1.0, doc="target pixel FPR on validation images")
     pro_max_fpr: float = opt(0.3, 0.0, 1.0, doc="FPR limit of AU-PRO")
     panels: bool = opt(True, doc="write a figure panel per test image")
+    panel_size: int = opt(256, 32, 2048, doc="longest side of each image in a report panel, in pixels")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,293 @@
+"""`defectae prepare`: read a dataset in any layout and write one prepared HDF5 file.
+
+Images are resized to dataset.image_size (bilinear) in the profile's colour mode, masks
+with nearest neighbour and stored as {0, 1}. The output defaults to work/DATASET/prepared.h5;
+the resolved profile is written beside it as `<stem>.profile.toml` (prepared.profile.toml), so
+it never clashes with the profile.toml of another output in the same folder.
+`--synthetic NAME` needs no --profile: it uses the dataset profile `synthetic-NAME` if one
+exists, else `synthetic`, with the `ae` model. A synthetic dataset's relative root lies under
+the workspace ($DEFECTAE_HOME), like every other generated output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.table import Table
+
+from defectae import console, profiles, workspace
+from defectae.data.download import download as fetch_dataset
+from defectae.data.folders import list_folders
+from defectae.data.images import read_image, read_mask, resize_image, resize_mask
+from defectae.data.mvtec import list_mvtec, list_mvtec3d
+from defectae.data.prepared import SPLITS, PreparedSplit, write_prepared
+from defectae.data.split import Listing, Sample, assign_splits
+from defectae.errors import DefectaeError
+from defectae.files import write_text_atomic
+from defectae.profiles import DatasetConfig, Profile
+from defectae.profiles.schema import SyntheticOptions
+
+DEFAULT_MODEL = "ae"
+
+
+def resolve_profile(
+    profile: str | None, sets: list[str], root: str | None, synthetic: str | None
+) -> Profile:
+    """The profile to prepare; `--synthetic NAME` alone picks the synthetic dataset profile."""
+    if synthetic is None:
+        if profile is None:
+            raise DefectaeError(
+                "--profile: expected a profile name or .toml path, or --synthetic woven|grid"
+            )
+        return profiles.resolve(profile, sets, root)
+    textures = typing.get_args(typing.get_type_hints(SyntheticOptions)["texture"])
+    if synthetic not in textures:
+        raise DefectaeError(f"--synthetic '{synthetic}': expected one of {', '.join(textures)}")
+    if profile is None:
+        dataset = f"synthetic-{synthetic}"
+        dataset = dataset if dataset in profiles.available("datasets") else "synthetic"
+        profile = f"{dataset}-{DEFAULT_MODEL}"
+    prof = profiles.resolve(profile, [*sets, f"dataset.synthetic.texture={synthetic}"], root)
+    if prof.dataset.layout != "synthetic":
+        raise DefectaeError(
+            f"--synthetic: profile '{prof.name}' has dataset.layout = '{prof.dataset.layout}'; "
+            "expected a synthetic dataset profile"
+        )
+    return prof
+
+
+def _with_dataset(prof: Profile, **changes: Any) -> Profile:
+    return dataclasses.replace(prof, dataset=dataclasses.replace(prof.dataset, **changes))
+
+
+def list_dataset(ds: DatasetConfig, root: Path) -> Listing:
+    """List the samples of the profile's layout (a synthetic dataset is generated first)."""
+    if ds.layout == "synthetic":
+        from defectae.data.synthetic import generate
+
+        category = generate(root, ds.synthetic, ds.seed)
+        return list_mvtec(category.parent, category.name)
+    if ds.layout == "mvtec":
+        return list_mvtec(root, ds.category)
+    if ds.layout == "mvtec3d":
+        return list_mvtec3d(root, ds.category)
+    if ds.layout == "aitex":
+        from defectae.data.aitex import list_aitex  # needs torch (the shared tiling): import on use
+
+        return list_aitex(root, ds)
+    return list_folders(root, ds.folders)
+
+
+@dataclasses.dataclass
+class _Item:
+    image: np.ndarray  # (C, H, W) uint8
+    mask: np.ndarray  # (1, H, W) uint8
+    label: int
+    defect_type: str
+    orig_size: tuple[int, int]
+    empty_defect_mask: bool
+
+
+class _Reader:
+    """Reads samples at the profile's size; tiles of one strip share a single decode."""
+
+    def __init__(self, ds: DatasetConfig) -> None:
+        self.ds = ds
+        self._key: tuple[Path, tuple[Path, ...]] | None = None
+        self._cached: tuple[np.ndarray, np.ndarray] | None = None
+
+    def _load(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+        key = (sample.path, sample.masks)
+        if key != self._key or self._cached is None:
+            image = read_image(sample.path, self.ds.color)  # (H, W, C)
+            h, w = image.shape[:2]
+            mask = np.zeros((h, w), bool)
+            for path in sample.masks:
+                m = read_mask(path)
+                if m.shape != (h, w):
+                    raise DefectaeError(
+                        f"{path}: mask is {m.shape[0]}x{m.shape[1]} but its image {sample.path} is {h}x{w}"
+                    )
+                mask |= m
+            self._key, self._cached = key, (image, mask)
+        return self._cached
+
+    def read(self, sample: Sample) -> _Item:
+        image, mask = self._load(sample)
+        if sample.box is not None:
+            top, left, th, tw = sample.box
+            image, mask = (
+                image[top : top + th, left : left + tw],
+                mask[top : top + th, left : left + tw],
+            )
+        defective = bool(mask.any())
+        label, kind = sample.label, sample.defect_type
+        if sample.label_from_mask:
+            label, kind = int(defective), sample.defect_type if defective else "good"
+        elif label == 0 and defective:
+            raise DefectaeError(
+                f"{sample.masks[0]}: the mask of a defect-free image is not all-zero"
+            )
+        size = tuple(self.ds.image_size)
+        out_image = resize_image(image, size).transpose(2, 0, 1)
+        out_mask = resize_mask(mask, size)[None].astype(np.uint8)
+        return _Item(
+            out_image, out_mask, label, kind, image.shape[:2], label == 1 and not defective
+        )
+
+
+def _read_split(
+    samples: list[Sample], reader: _Reader, bar: Any, task: Any
+) -> tuple[PreparedSplit, list[str]]:
+    ds = reader.ds
+    h, w = ds.image_size
+    split = PreparedSplit(
+        images=np.empty((len(samples), ds.channels, h, w), np.uint8),
+        masks=np.empty((len(samples), 1, h, w), np.uint8),
+        labels=np.empty((len(samples),), np.uint8),
+        defect_types=[],
+        names=[],
+        files=[],
+        orig_sizes=np.empty((len(samples), 2), np.int32),
+    )
+    empty_masks = []
+    for i, sample in enumerate(samples):
+        item = reader.read(sample)
+        split.images[i], split.masks[i], split.labels[i] = item.image, item.mask, item.label
+        split.orig_sizes[i] = item.orig_size
+        split.defect_types.append(item.defect_type)
+        split.names.append(sample.name)
+        split.files.append(sample.file)
+        if item.empty_defect_mask:
+            empty_masks.append(sample.file)
+        bar.advance(task)
+    return split, empty_masks
+
+
+def _size_range(sizes: np.ndarray) -> str:
+    lo, hi = sizes.min(axis=0), sizes.max(axis=0)
+    span = [f"{a}" if a == b else f"{a}-{b}" for a, b in zip(lo, hi, strict=True)]
+    return f"{span[0]} x {span[1]}"
+
+
+def _show(summary: dict[str, Any], splits: dict[str, PreparedSplit]) -> None:
+    h, w = summary["image_size"]
+    table = Table(title=f"prepared {summary['out']}  ({h}x{w} {summary['color']})")
+    for col in ("split", "images", "good", "defective", "original sizes (H x W)"):
+        table.add_column(
+            col, justify="left" if col in ("split", "original sizes (H x W)") else "right"
+        )
+    for name in SPLITS:
+        s = splits[name]
+        bad = int(s.labels.sum())
+        table.add_row(name, str(len(s)), str(len(s) - bad), str(bad), _size_range(s.orig_sizes))
+    console.show(table)
+    types = Table(title="test images by defect type")
+    types.add_column("defect type")
+    types.add_column("images", justify="right")
+    types.add_row("good", str(summary["splits"]["test_good"]))
+    for kind, n in summary["defect_types"].items():
+        types.add_row(kind, str(n))
+    console.show(types)
+
+
+def run(
+    profile: str | None,
+    sets: list[str],
+    root: str | None,
+    out: Path | None,
+    synthetic: str | None,
+    download: str | None,
+    sha256: str | None,
+) -> dict[str, Any]:
+    """Prepare the profile's dataset into one HDF5 file and return the --json summary."""
+    prof = resolve_profile(profile, sets, root, synthetic)
+    ds = prof.dataset
+    if sha256 is not None and download is None:
+        raise DefectaeError("--sha256: only used with --download URL")
+    if download is not None:
+        if synthetic is not None or ds.layout == "synthetic":
+            raise DefectaeError("--download: a synthetic dataset is generated, not downloaded")
+        expected = sha256 or ds.download_sha256
+        if not expected:
+            raise DefectaeError(
+                "--sha256: expected the archive's SHA-256 (or dataset.download_sha256 in the profile)"
+            )
+        unpacked = fetch_dataset(download, expected, ds.category)
+        prof = _with_dataset(
+            prof, root=str(unpacked), download_url=download, download_sha256=expected.lower()
+        )
+        ds = prof.dataset
+    if not ds.root:
+        raise DefectaeError(
+            f"dataset.root: profile '{prof.name}' names no dataset folder; pass --root PATH"
+        )
+    data_root = Path(ds.root)
+    if ds.layout == "synthetic" and root is None and not data_root.is_absolute():
+        data_root = workspace.home() / data_root
+        prof = _with_dataset(prof, root=str(data_root))
+        ds = prof.dataset
+
+    listing = list_dataset(ds, data_root)
+    samples = assign_splits(listing, ds, ds.layout)
+    reader = _Reader(ds)
+    splits: dict[str, PreparedSplit] = {}
+    empty_masks: list[str] = []
+    with console.progress() as bar:
+        task = bar.add_task("reading images", total=sum(len(v) for v in samples.values()))
+        for name in SPLITS:
+            bar.update(task, description=f"reading {name}")
+            splits[name], empty = _read_split(samples[name], reader, bar, task)
+            empty_masks += empty
+
+    test = splits["test"]
+    counts = {
+        "train": len(splits["train"]),
+        "validation": len(splits["validation"]),
+        "test_good": int((test.labels == 0).sum()),
+        "test_defect": int((test.labels == 1).sum()),
+    }
+    defect_types = dict(
+        sorted(
+            Counter(t for t, lab in zip(test.defect_types, test.labels, strict=True) if lab).items()
+        )
+    )
+    out = Path(out) if out is not None else workspace.prepared_path(prof)
+    attrs = {
+        "layout": ds.layout,
+        "source": ds.root,
+        "category": ds.category,
+        "image_size": list(ds.image_size),
+        "color": ds.color,
+        "channels": ds.channels,
+        "dataset": profiles.to_dict(prof)["dataset"],
+        "splits": counts,
+    }
+    write_prepared(out, splits, attrs)
+    profile_path = out.with_name(f"{out.stem}.profile.toml")
+    write_text_atomic(profile_path, profiles.to_toml(prof))
+    if empty_masks:
+        console.warn(
+            f"{len(empty_masks)} defective image(s) have an all-zero mask and stay labelled defective: "
+            + ", ".join(empty_masks[:5])
+            + (" ..." if len(empty_masks) > 5 else "")
+        )
+    summary = {
+        "out": str(out),
+        "profile": prof.name,
+        "profile_file": str(profile_path),
+        "layout": ds.layout,
+        "source": ds.root,
+        "image_size": list(ds.image_size),
+        "color": ds.color,
+        "splits": counts,
+        "defect_types": defect_types,
+        "empty_defect_masks": len(empty_masks),
+    }
+    _show(summary, splits)
+    return summary
