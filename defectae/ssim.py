@@ -25,7 +25,7 @@ def _pad_symmetric(x: torch.Tensor, r: int) -> torch.Tensor:
     return torch.cat([x[..., :r].flip(-1), x, x[..., -r:].flip(-1)], dim=-1)
 
 
-def _filter(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def separable_filter(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Separable depthwise filter with symmetric padding. x: (B, C, H, W), k: (K,)."""
     c, r = x.shape[1], k.numel() // 2
     x = _pad_symmetric(x, r)
@@ -53,9 +53,9 @@ def ssim_map(
         k = torch.full((window,), 1.0 / window, device=x.device)
         n = window * window
         cov_norm = n / (n - 1)
-    mx, my = _filter(x, k), _filter(y, k)
-    vx = cov_norm * (_filter(x * x, k) - mx * mx)
-    vy = cov_norm * (_filter(y * y, k) - my * my)
-    cxy = cov_norm * (_filter(x * y, k) - mx * my)
+    mx, my = separable_filter(x, k), separable_filter(y, k)
+    vx = cov_norm * (separable_filter(x * x, k) - mx * mx)
+    vy = cov_norm * (separable_filter(y * y, k) - my * my)
+    cxy = cov_norm * (separable_filter(x * y, k) - mx * my)
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
     return ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))

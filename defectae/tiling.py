@@ -3,7 +3,7 @@
 Tile origins along an axis are 0, stride, 2*stride, ... plus a final origin length - size, so the
 right and bottom borders are covered. The patches of one image are ordered row-major over the
 (rows, columns) grid of origins. Origins come from Python ints taken from shapes, so both
-functions trace (TorchScript) and export (ONNX) for a fixed image size.
+functions trace (TorchScript) and export (ONNX, dynamo exporter) for a fixed image size.
 """
 
 from __future__ import annotations
@@ -38,11 +38,12 @@ def _regular(length: int, size: int, stride: int) -> int:
 def _tiles(img: torch.Tensor, size: int, stride: int) -> torch.Tensor:
     """All tiles as (B, C, rows, cols, size, size): unfold views of the regular grid plus the border."""
     h, w = int(img.shape[2]), int(img.shape[3])
+    nh, nw = len(tile_origins(h, size, stride)), len(tile_origins(w, size, stride))
     rows = img.unfold(2, size, stride)  # (B, C, regular rows, W, size)
-    if len(tile_origins(h, size, stride)) > _regular(h, size, stride):
+    if nh > _regular(h, size, stride):
         rows = torch.cat([rows, img[:, :, -size:].unfold(2, size, size)], 2)
     tiles = rows.unfold(3, size, stride)  # (B, C, rows, regular cols, size, size)
-    if len(tile_origins(w, size, stride)) > _regular(w, size, stride):
+    if nw > _regular(w, size, stride):
         tiles = torch.cat([tiles, rows[:, :, :, -size:].unfold(3, size, size)], 3)
     return tiles
 
@@ -56,7 +57,7 @@ def extract_patches(img: torch.Tensor, size: int, stride: int) -> torch.Tensor:
 def _axis_index(length: int, size: int, stride: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Per pixel along one axis: one tile covering it, and the pixel's offset inside that tile.
 
-    Tile i answers for [origin_i, origin_i+1); the last tile for the rest (it ends at length).
+    Tile i answers for [origin[i], origin[i + 1]); the last tile for the rest (it ends at length).
     """
     start = torch.tensor(tile_origins(length, size, stride), device=device)
     pixel = torch.arange(length, device=device)

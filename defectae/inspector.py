@@ -1,0 +1,65 @@
+"""The whole-image inspector: tile, reconstruct, fuse, residual map and image score in one module.
+
+`tile-test` runs it eagerly and `export` traces it, so the deployable graph is the same code.
+Whole-image models (registry `Family.whole_image`, e.g. the AITEX VAEs) skip tiling; an image
+of another size than the model's input (`patch_size`) is resized bilinearly to it and the
+reconstruction resized back, so the residual is always at the image's own resolution.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from defectae.profiles import TileConfig
+from defectae.residuals import image_scores, residual_map, residual_weights
+from defectae.tiling import extract_patches, fuse_patches, tile_origins
+
+
+class Inspector(nn.Module):
+    """image (B, C, H, W) in [0, 1] -> (residual (B, 1, H, W), score (B,), recon (B, C, H, W)).
+
+    Patches go through the model in chunks of `batch_size` (0 = all at once, e.g. for an export
+    with a dynamic batch axis). Shapes are read as Python ints, so a trace is valid for one H x W.
+    ONNX: `torch.onnx.export(..., dynamo=True)` (the TorchScript-based exporter cannot export
+    the unfold and padding with a dynamic batch).
+    """
+
+    def __init__(
+        self, model: nn.Module, patch_size: int, stride: int, tile_cfg: TileConfig, whole_image: bool, batch_size: int
+    ) -> None:
+        super().__init__()
+        residual_weights(tile_cfg)  # fail on a bad [tile] before any work
+        if not whole_image:
+            tile_origins(patch_size, patch_size, stride)  # checks the stride against the patch
+        self.model = model
+        self.patch_size = patch_size
+        self.stride = stride
+        self.tile_cfg = tile_cfg
+        self.whole_image = whole_image
+        self.batch_size = batch_size
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's float32 reconstruction of a batch of model-sized inputs, in chunks."""
+        n = x.shape[0]
+        step = self.batch_size if self.batch_size > 0 else n
+        if n <= step:
+            return self.model(x)["recon"].float()
+        return torch.cat([self.model(x[i : i + step])["recon"].float() for i in range(0, n, step)])
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = image.float()
+        h, w = int(x.shape[2]), int(x.shape[3])
+        size = self.patch_size
+        if self.whole_image:
+            if (h, w) == (size, size):
+                recon = self.reconstruct(x)
+            else:
+                small = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+                recon = F.interpolate(self.reconstruct(small), size=(h, w), mode="bilinear", align_corners=False)
+        else:
+            patches = extract_patches(x, size, self.stride)  # (B * N, C, size, size)
+            recon = fuse_patches(self.reconstruct(patches), (h, w), size, self.stride)
+        residual = residual_map(x, recon, self.tile_cfg)
+        return residual, image_scores(residual, self.tile_cfg), recon
