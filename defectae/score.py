@@ -1,0 +1,432 @@
+"""`defectae score`: image and pixel metrics, curves, panels and an HTML report from residuals.h5.
+
+Inputs: residuals.h5 (written by tile-test; --residuals or RUN/residuals.h5), the masks of
+the prepared.h5 it was made from, or a ground-truth folder in MVTec layout (--gt DIR:
+DIR/TYPE/NAME_mask.png; good images have none). Outputs in RUN/score/ (or --out):
+metrics.json, roc.png, pr.png, pro.png, panels/, index.html and profile.toml.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+from PIL import Image
+from rich.table import Table
+
+from defectae import __version__, console, metrics, profiles, report, workspace
+from defectae.data.prepared import file_attr_json, open_prepared, read_strings
+from defectae.errors import DefectaeError
+from defectae.files import sha256_file, write_text_atomic
+from defectae.profiles import Profile, ScoreConfig
+
+FORMAT = "defectae-residuals"
+FORMAT_VERSION = 1
+_FIELDS = ("residuals", "scores", "names", "defect_types", "labels")
+
+
+@dataclass
+class Residuals:
+    """The test and validation residuals of one tile-test run, held in memory."""
+
+    path: Path
+    attrs: dict[str, Any]
+    maps: np.ndarray  # (N, H, W) float16
+    scores: np.ndarray  # (N,) float32
+    names: list[str]
+    types: list[str]
+    labels: np.ndarray  # (N,) uint8
+    val_maps: np.ndarray | None  # (M, H, W) float16
+    has_recon: bool
+
+
+def run(
+    profile: Profile | None,
+    run: Path | None,
+    residuals: Path | None,
+    gt: Path | None,
+    protocol: str,
+    out: Path | None,
+) -> dict[str, Any]:
+    """Score a run's residual maps; write metrics.json, figures and index.html; return the summary."""
+    if protocol not in metrics.PROTOCOLS:
+        raise DefectaeError(
+            f"--protocol: '{protocol}' is not one of {', '.join(metrics.PROTOCOLS)}"
+        )
+    run_dir, residuals_path = _locate(profile, run, residuals)
+    if profile is None:
+        profile = _profile_near(run_dir, residuals_path)
+    cfg = profile.score if profile is not None else ScoreConfig()
+    res = read_residuals(residuals_path)
+    if profile is not None:
+        _check_same_dataset(
+            res, profile.dataset.name, profile.dataset.category, f"the profile '{profile.name}'"
+        )
+    prepared = _prepared_path(res, profile, required=gt is None)
+    if prepared is not None:
+        _check_prepared(res, prepared)
+    if gt is not None:
+        masks, truth = masks_from_folder(gt, res), str(gt)
+    else:
+        masks, truth = masks_from_prepared(prepared, res), f"{prepared} (test masks)"
+    if protocol == "radli" and _residual_kinds(res) != {"ssim"}:
+        console.warn(
+            "--protocol radli: its thresholds (0.01 to 1) are made for 1-SSIM residuals; these maps are not"
+        )
+
+    console.info(f"scoring {len(res.names)} test images of {residuals_path}")
+    results = metrics.compute_all(
+        res.maps, masks, res.scores, res.labels, res.val_maps, cfg, res.types, protocol
+    )
+    out_dir = out or (run_dir / "score" if run_dir is not None else residuals_path.parent / "score")
+    summary = _summary(res, results, cfg, protocol, truth, profile)
+    summary["figures"] = report.write_curves(out_dir, results, cfg.pro_max_fpr)
+    entries, note = _write_panels(out_dir, res, masks, prepared, results, cfg)
+    metrics_json = out_dir / "metrics.json"
+    write_text_atomic(metrics_json, json.dumps(summary, indent=2) + "\n")
+    index = out_dir / "index.html"
+    report.write_index(index, summary, summary["figures"], entries, note)
+    if profile is not None:
+        profiles.write_profile(profile, out_dir)
+    console.show(metrics_table(summary))
+    undefined: dict[tuple[str, str], list[str]] = {}
+    for column, col in [("overall", summary)] + list(summary["per_type"].items()):
+        for name, reason in col["undefined"].items():
+            undefined.setdefault((report.METRIC_LABELS.get(name, name), reason), []).append(column)
+    for (label, reason), columns in undefined.items():
+        console.info(f"{label}: undefined ({reason}) in {', '.join(columns)}")
+    console.info(f"report: {index}")
+    return {
+        **summary,
+        "metrics_json": str(metrics_json),
+        "index_html": str(index),
+        "out": str(out_dir),
+    }
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _locate(
+    profile: Profile | None, run: Path | None, residuals: Path | None
+) -> tuple[Path | None, Path]:
+    if run is not None and not run.is_dir():
+        raise DefectaeError(f"{run}: run folder not found")
+    if residuals is not None:
+        if not residuals.is_file():
+            raise DefectaeError(
+                f"{residuals}: residuals file not found; run `defectae tile-test` first"
+            )
+        return run, residuals
+    if run is None:
+        if profile is None:
+            raise DefectaeError(
+                "--profile, --run or --residuals: expected one of them to find residuals.h5"
+            )
+        run = workspace.latest_run(profile)
+    path = run / "residuals.h5"
+    if not path.is_file():
+        raise DefectaeError(
+            f"{path}: no residuals in this run; run `defectae tile-test --run {run}` first"
+        )
+    return run, path
+
+
+def _profile_near(run_dir: Path | None, residuals_path: Path) -> Profile | None:
+    for folder in (run_dir, residuals_path.parent):
+        if folder is not None and (folder / "profile.toml").is_file():
+            return profiles.load_written(folder / "profile.toml")
+    console.debug("no profile.toml beside the residuals: using the default score settings")
+    return None
+
+
+def read_residuals(path: Path) -> Residuals:
+    """Read and check residuals.h5 (format, version, fields, shapes, finite values)."""
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        raise DefectaeError(f"{path}: not a readable HDF5 file") from None
+    with f:
+        if f.attrs.get("format") != FORMAT:
+            raise DefectaeError(
+                f"{path}: not a defectae residuals file (attribute format != '{FORMAT}')"
+            )
+        version = int(f.attrs.get("format_version", -1))
+        if version != FORMAT_VERSION:
+            raise DefectaeError(
+                f"{path}: residuals format version {version}, expected {FORMAT_VERSION}; run tile-test again"
+            )
+        for key in _FIELDS:
+            if f"test/{key}" not in f:
+                raise DefectaeError(f"{path}: missing dataset 'test/{key}'")
+        maps = f["test/residuals"]
+        if maps.ndim != 4 or maps.shape[1] != 1:
+            raise DefectaeError(
+                f"{path}: test/residuals has shape {maps.shape}, expected (N, 1, H, W)"
+            )
+        n = maps.shape[0]
+        if n == 0:
+            raise DefectaeError(f"{path}: the test split is empty")
+        for key in _FIELDS[1:]:
+            if len(f[f"test/{key}"]) != n:
+                raise DefectaeError(
+                    f"{path}: test/{key} has {len(f[f'test/{key}'])} entries, test/residuals {n}"
+                )
+        test = maps[()][:, 0].astype(np.float16, copy=False)
+        val = None
+        if "validation/residuals" in f and len(f["validation/residuals"]):
+            val = f["validation/residuals"][()][:, 0].astype(np.float16, copy=False)
+            if val.shape[1:] != test.shape[1:]:
+                raise DefectaeError(
+                    f"{path}: validation maps are {_hw(val)}, test maps {_hw(test)}"
+                )
+        for key, array in (("test/residuals", test), ("validation/residuals", val)):
+            if array is not None and not np.isfinite(array).all():
+                raise DefectaeError(f"{path}: {key} contains NaN or infinite values")
+        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+        return Residuals(
+            path=path,
+            attrs=attrs,
+            maps=test,
+            scores=f["test/scores"][()].astype(np.float32),
+            names=read_strings(f, "test/names"),
+            types=read_strings(f, "test/defect_types"),
+            labels=f["test/labels"][()].astype(np.uint8),
+            val_maps=val,
+            has_recon="test/recon" in f,
+        )
+
+
+def _residual_kinds(res: Residuals) -> set[str]:
+    try:
+        weights = json.loads(str(res.attrs.get("tile", "{}"))).get("residual", {})
+    except (json.JSONDecodeError, AttributeError):
+        return set()
+    return {k for k, w in weights.items() if w}
+
+
+def _hw(maps: np.ndarray) -> str:
+    return f"{maps.shape[-2]}x{maps.shape[-1]}"
+
+
+def _check_same_dataset(res: Residuals, dataset: str, category: str, other: str) -> None:
+    have = (str(res.attrs.get("dataset", "")), str(res.attrs.get("category", "")))
+    if have[0] != dataset or (have[1] and category and have[1] != category):
+        raise DefectaeError(
+            f"{res.path}: residuals of dataset '{'/'.join(filter(None, have))}', "
+            f"but {other} is dataset '{'/'.join(filter(None, (dataset, category)))}'"
+        )
+
+
+def _prepared_path(res: Residuals, profile: Profile | None, required: bool) -> Path | None:
+    recorded = Path(str(res.attrs.get("prepared", "")))
+    candidates = [recorded] if str(recorded) not in ("", ".") else []
+    if profile is not None:
+        candidates.append(workspace.prepared_path(profile))
+    for path in candidates:
+        if path.is_file():
+            return path
+    if required:
+        raise DefectaeError(
+            f"{res.path}: the prepared file it was made from ({recorded}) is missing; "
+            "prepare the dataset again or pass --gt DIR"
+        )
+    console.warn(f"{recorded}: prepared file not found; panels show no input images")
+    return None
+
+
+def _check_prepared(res: Residuals, prepared: Path) -> None:
+    with open_prepared(prepared) as f:
+        dataset = file_attr_json(f, "dataset").get("name", "")
+        _check_same_dataset(res, dataset, str(f.attrs.get("category", "")), str(prepared))
+    recorded = res.attrs.get("prepared_sha256")
+    if recorded and sha256_file(prepared) != recorded:
+        console.warn(f"{prepared}: changed since tile-test wrote {res.path} (SHA-256 differs)")
+
+
+def _prepared_rows(f: h5py.File, res: Residuals, prepared: Path) -> np.ndarray:
+    """Row of each residual image in prepared test, matched by (defect type, name)."""
+    keys = zip(read_strings(f, "test/defect_types"), read_strings(f, "test/names"), strict=True)
+    rows = {key: i for i, key in enumerate(keys)}
+    index = []
+    for t, n in zip(res.types, res.names, strict=True):
+        if (t, n) not in rows:
+            raise DefectaeError(
+                f"{res.path}: test image '{t}/{n}' is not in {prepared}; its mask is unknown"
+            )
+        index.append(rows[(t, n)])
+    return np.asarray(index)
+
+
+def masks_from_prepared(prepared: Path, res: Residuals) -> np.ndarray:
+    """Test masks (N, H, W) bool from prepared.h5, in the order of the residuals."""
+    with open_prepared(prepared) as f:
+        rows = _prepared_rows(f, res, prepared)
+        masks = f["test/masks"]
+        if masks.shape[2:] != res.maps.shape[1:]:
+            raise DefectaeError(
+                f"{prepared}: test masks are {masks.shape[2]}x{masks.shape[3]}, "
+                f"the residual maps of {res.path} are {_hw(res.maps)}"
+            )
+        return masks[()][rows, 0] > 0
+
+
+def masks_from_folder(gt: Path, res: Residuals) -> np.ndarray:
+    """Masks from an MVTec ground-truth folder (DIR/TYPE/NAME_mask.png), resized nearest to the maps."""
+    if not gt.is_dir():
+        raise DefectaeError(f"{gt}: ground-truth folder not found")
+    n, h, w = res.maps.shape
+    masks = np.zeros((n, h, w), bool)
+    for i, (t, name, label) in enumerate(zip(res.types, res.names, res.labels, strict=True)):
+        path = gt / t / f"{name}_mask.png"
+        if not path.is_file():
+            if label:
+                raise DefectaeError(
+                    f"{path}: no ground-truth mask for defective test image '{t}/{name}'"
+                )
+            continue
+        try:
+            with Image.open(path) as im:
+                mask = im.convert("L").resize((w, h), Image.Resampling.NEAREST)
+        except OSError:
+            raise DefectaeError(f"{path}: not a readable image") from None
+        masks[i] = np.asarray(mask) > 0
+    return masks
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def _summary(
+    res: Residuals,
+    results: metrics.ScoreResults,
+    cfg: ScoreConfig,
+    protocol: str,
+    truth: str,
+    profile: Profile | None,
+) -> dict[str, Any]:
+    threshold: dict[str, Any] = {"method": cfg.threshold}
+    threshold.update(
+        {"quantile": cfg.quantile}
+        if cfg.threshold == "val_quantile"
+        else {"target_fpr": cfg.target_fpr}
+    )
+    threshold.update(value=results.threshold.value, reason=results.threshold.reason)
+    summary: dict[str, Any] = {
+        "profile": profile.name if profile is not None else res.attrs.get("profile", ""),
+        "protocol": protocol,
+        "dataset": res.attrs.get("dataset", ""),
+        "category": res.attrs.get("category", ""),
+        "residuals": str(res.path),
+        "residuals_sha256": sha256_file(res.path),
+        "checkpoint": res.attrs.get("checkpoint", ""),
+        "ground_truth": truth,
+        "threshold": threshold,
+        "pro_max_fpr": cfg.pro_max_fpr,
+        "counts": results.counts["overall"],
+        **metrics.metric_set_json(results.metrics),
+        "per_type": {
+            t: {"counts": results.counts[t], **metrics.metric_set_json(m)}
+            for t, m in results.per_type.items()
+        },
+        "version": __version__,
+    }
+    if results.radli is not None:
+        r = results.radli
+        summary["radli"] = {
+            "thresholds": r.thresholds.tolist(),
+            "fpr": _floats(r.fpr),
+            "tpr": _floats(r.tpr),
+            "auc": r.auc.value,
+            "images": r.n_images,
+        }
+    return summary
+
+
+def _floats(values: np.ndarray) -> list[float | None]:
+    return [None if np.isnan(v) else float(v) for v in values]
+
+
+def _write_panels(
+    out_dir: Path,
+    res: Residuals,
+    masks: np.ndarray,
+    prepared: Path | None,
+    results: metrics.ScoreResults,
+    cfg: ScoreConfig,
+) -> tuple[list[report.PanelEntry], str]:
+    if not cfg.panels:
+        return [], "Panels are off (score.panels = false)."
+    threshold, which = results.threshold, "label-free"
+    if not threshold.defined:
+        threshold, which = (
+            results.metrics["pixel_f1_threshold"],
+            "F1-optimal (no label-free threshold)",
+        )
+    note = (
+        f"Predicted mask: residual >= {report.format_value(threshold.value, 'threshold')} ({which} threshold)."
+        if threshold.defined
+        else "No threshold is defined, so no predicted masks."
+    )
+    value_range = (float(res.maps.min()), float(res.maps.max()))
+    images = open_prepared(prepared) if prepared is not None else None
+    recon = h5py.File(res.path, "r") if res.has_recon else None
+    entries, pending = [], []
+    # Reading stays in this thread (HDF5); drawing and PNG encoding, which release the GIL, use a pool.
+    workers = min(4, os.cpu_count() or 1)
+    try:
+        rows = _prepared_rows(images, res, prepared) if images is not None else None
+        with ThreadPoolExecutor(workers) as pool:
+            for i in console.track(range(len(res.names)), "panels"):
+                residual = res.maps[i].astype(np.float32)
+                file = report.panel_file(i, res.types[i], res.names[i])
+                pending.append(
+                    pool.submit(
+                        report.write_panel,
+                        out_dir / file,
+                        images["test/images"][rows[i]] if images is not None else None,
+                        recon["test/recon"][i] if recon is not None else None,
+                        residual,
+                        residual >= threshold.value if threshold.defined else None,
+                        masks[i],
+                        value_range,
+                        cfg.panel_size,
+                    )
+                )
+                if len(pending) > 2 * workers:  # bounded memory; surfaces errors early
+                    pending.pop(0).result()
+                entries.append(
+                    report.PanelEntry(
+                        res.types[i], res.names[i], float(res.scores[i]), int(res.labels[i]), file
+                    )
+                )
+            for job in pending:
+                job.result()
+    finally:
+        for f in (images, recon):
+            if f is not None:
+                f.close()
+    return entries, note
+
+
+def metrics_table(summary: dict[str, Any]) -> Table:
+    """The metrics as a rich table: one row per metric, columns overall and each defect type."""
+    columns = [("overall", summary)] + list(summary["per_type"].items())
+    table = Table(
+        title=f"score: {summary.get('profile') or summary['residuals']} ({summary['protocol']})"
+    )
+    table.add_column("metric")
+    for name, col in columns:
+        table.add_column(f"{name} ({col['counts']['images']})", justify="right")
+    for key, label in report.METRIC_LABELS.items():
+        if key in summary["metrics"]:
+            table.add_row(
+                label, *(report.format_value(c["metrics"].get(key), key) for _, c in columns)
+            )
+    return table
