@@ -2,6 +2,8 @@
 
 Keys: model, optimizer, scheduler, scaler, epoch (completed epochs), step, rng,
 profile (profiles.to_dict), family, in_channels, best_val, version, format_version.
+`defectae train` adds: best_epoch, bad_epochs (epochs since the best), stopped_early,
+data (the data-order state: seed, batch_size, world_size) and patches (the patches.h5 used).
 """
 
 from __future__ import annotations
@@ -71,17 +73,32 @@ def load_model(
     state = load_checkpoint(path, map_location)
     profile = profile_of(state, path)
     if expect is not None:
-        for what, got, want in (
-            ("model.family", profile.model.family, expect.model.family),
-            ("model.input_size", profile.model.input_size, expect.model.input_size),
-            ("dataset.color", profile.dataset.color, expect.dataset.color),
-        ):
-            if got != want:
-                raise DefectaeError(f"{path}: checkpoint has {what} = {got!r}, the profile expects {want!r}")
-    model = build_model(profile.model.family, profile.dataset.channels, profile.model.input_size, profile.model.args)
+        check_profile(profile, expect, path)
+    # pretrained-initialisation files (resnetae's `weights`) are not needed: the checkpoint holds the weights
+    args = {k: v for k, v in profile.model.args.items() if k != "weights"}
+    model = build_model(profile.model.family, profile.dataset.channels, profile.model.input_size, args)
+    load_weights(model, state, path)
+    model.to(map_location).eval()
+    return model, profile, state
+
+
+def check_profile(saved: Profile, expect: Profile, path: str | Path, keys: tuple[str, ...] = ()) -> None:
+    """A checkpoint of another model family, input size or colour mode (or other `keys`) is a user error."""
+    pairs = [
+        ("model.family", saved.model.family, expect.model.family),
+        ("model.input_size", saved.model.input_size, expect.model.input_size),
+        ("dataset.color", saved.dataset.color, expect.dataset.color),
+    ]
+    pairs += [(key, getattr(saved, key), getattr(expect, key)) for key in keys]
+    for what, got, want in pairs:
+        if got != want:
+            raise DefectaeError(f"{path}: checkpoint has {what} = {got!r}, the profile expects {want!r}")
+
+
+def load_weights(model: nn.Module, state: dict[str, Any], path: str | Path) -> None:
+    """Load a checkpoint's weights into a built model; a shape or key mismatch is a user error."""
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
-        raise DefectaeError(f"{path}: weights do not fit model '{profile.model.family}' ({str(e).splitlines()[0][:160]})") from None
-    model.to(map_location).eval()
-    return model, profile, state
+        family = state.get("family") or state.get("profile", {}).get("model", {}).get("family", "?")
+        raise DefectaeError(f"{path}: weights do not fit model '{family}' ({str(e).splitlines()[0][:160]})") from None

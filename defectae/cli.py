@@ -157,11 +157,15 @@ def export(
     format: Annotated[str, typer.Option("--format", help="torchscript, onnx or all.")] = "all",
     int8: Annotated[bool, typer.Option("--int8", help="Also write an INT8-quantized CPU model.")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default RUN/export).")] = None,
+    tolerance: Annotated[
+        Optional[float], typer.Option("--tolerance", help="Largest max-abs difference from the eager model (default 1e-4).")
+    ] = None,
 ) -> None:
     """Export the model and the whole-image inspector, verified against the eager model."""
     from defectae import export as command
 
-    _done(command.run(run=run, format=format, int8=int8, out=out))
+    _done(command.run(run=run, format=format, int8=int8, out=out,
+                      tolerance=command.TOLERANCE if tolerance is None else tolerance))
 
 
 @app.command()
@@ -206,10 +210,21 @@ def profiles_show(
     _done(catalogue.show(_profile(name, sets, root)))
 
 
+GLOBAL_FLAGS = ("--json", "--verbose", "--quiet", "-v", "-q")
+
+
+def _hoist_global_flags(argv: list[str]) -> list[str]:
+    """Accept the global flags anywhere (`defectae train -p X --json`), as scripts write them."""
+    flags = [a for a in argv if a in GLOBAL_FLAGS]
+    return flags + [a for a in argv if a not in GLOBAL_FLAGS]
+
+
 def main() -> None:
     """Console entry point: one red line and exit 2 for user errors, 130 for Ctrl-C."""
     try:
-        app(standalone_mode=False)
+        code = app(args=_hoist_global_flags(sys.argv[1:]), prog_name="defectae", standalone_mode=False)
+        if isinstance(code, int) and code:  # not standalone, typer returns 130 for Ctrl-C
+            sys.exit(code)
     except DefectaeError as e:
         console.error(str(e))
         sys.exit(2)
