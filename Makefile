@@ -21,8 +21,18 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# The whole pipeline on the generated woven texture: an `ae` on 64x64 patches, trained for a few minutes on a CPU.
+DEMO := DEFECTAE_HOME=demo $(BIN)/python -m defectae
+DEMO_PROFILE := --profile synthetic-ae --set model.input_size=64 --set tile.stride=16
+DEMO_TRAIN := --set augment.n_patches=6000 --set augment.n_val_patches=256 \
+	--set train.epochs=15 --set train.batch_size=64 --set train.lr=1e-3 --set train.patience=0
+
 demo: install
-	DEFECTAE_HOME=demo $(BIN)/python -m defectae prepare --profile synthetic-ae --synthetic woven
+	$(DEMO) prepare --synthetic woven
+	$(DEMO) augment $(DEMO_PROFILE) $(DEMO_TRAIN)
+	$(DEMO) train $(DEMO_PROFILE) $(DEMO_TRAIN)
+	$(DEMO) tile-test $(DEMO_PROFILE)
+	$(DEMO) score $(DEMO_PROFILE)
 
 bench: install
 	$(BIN)/python -m defectae bench --out bench/bench.json

@@ -233,7 +233,7 @@ def main() -> None:
         sys.exit(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except (typer.Abort,):
+    except typer.Abort:
         sys.exit(130)
     except Exception as e:  # click usage errors
         import click
