@@ -1,4 +1,4 @@
-"""Atomic file writing and hashing: nothing is ever left half-written."""
+"""Atomic file writing, hashing and checked opening of our HDF5 files."""
 
 from __future__ import annotations
 
@@ -6,8 +6,12 @@ import contextlib
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+import h5py
+
+from defectae.errors import DefectaeError
 
 
 @contextlib.contextmanager
@@ -49,3 +53,33 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def open_h5(path: str | Path, fmt: str, version: int, command: str, required: Iterable[str] = ()) -> h5py.File:
+    """Open one of defectae's HDF5 files read-only after checking its format, version and datasets.
+
+    `command` is the defectae command that writes the file, named in the error messages.
+    """
+    path = Path(path)
+    kind = fmt.removeprefix("defectae-")
+    if not path.is_file():
+        raise DefectaeError(f"{path}: {kind} file not found; run `defectae {command}` first")
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        raise DefectaeError(f"{path}: not a readable HDF5 file") from None
+    try:
+        if f.attrs.get("format") != fmt:
+            raise DefectaeError(f"{path}: not a defectae {kind} file (attribute format != '{fmt}')")
+        found = int(f.attrs.get("format_version", -1))
+        if found != version:
+            raise DefectaeError(
+                f"{path}: {kind} format version {found}, expected {version}; run `defectae {command}` again"
+            )
+        for key in required:
+            if key not in f:
+                raise DefectaeError(f"{path}: missing dataset '{key}'")
+    except BaseException:
+        f.close()
+        raise
+    return f

@@ -23,7 +23,7 @@ from rich.table import Table
 from defectae import __version__, console, metrics, profiles, report, workspace
 from defectae.data.prepared import file_attr_json, open_prepared, read_strings
 from defectae.errors import DefectaeError
-from defectae.files import sha256_file, write_text_atomic
+from defectae.files import open_h5, sha256_file, write_text_atomic
 from defectae.profiles import Profile, ScoreConfig
 
 FORMAT = "defectae-residuals"
@@ -148,23 +148,7 @@ def _profile_near(run_dir: Path | None, residuals_path: Path) -> Profile | None:
 
 def read_residuals(path: Path) -> Residuals:
     """Read and check residuals.h5 (format, version, fields, shapes, finite values)."""
-    try:
-        f = h5py.File(path, "r")
-    except OSError:
-        raise DefectaeError(f"{path}: not a readable HDF5 file") from None
-    with f:
-        if f.attrs.get("format") != FORMAT:
-            raise DefectaeError(
-                f"{path}: not a defectae residuals file (attribute format != '{FORMAT}')"
-            )
-        version = int(f.attrs.get("format_version", -1))
-        if version != FORMAT_VERSION:
-            raise DefectaeError(
-                f"{path}: residuals format version {version}, expected {FORMAT_VERSION}; run tile-test again"
-            )
-        for key in _FIELDS:
-            if f"test/{key}" not in f:
-                raise DefectaeError(f"{path}: missing dataset 'test/{key}'")
+    with open_h5(path, FORMAT, FORMAT_VERSION, "tile-test", [f"test/{key}" for key in _FIELDS]) as f:
         maps = f["test/residuals"]
         if maps.ndim != 4 or maps.shape[1] != 1:
             raise DefectaeError(

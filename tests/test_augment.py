@@ -595,14 +595,14 @@ def test_dataset_with_two_workers_matches_one_process(patch_file):
 
 
 def test_open_patches_errors(tmp_path, prepared, patch_file):
-    with pytest.raises(DefectaeError, match="patch file not found; run `defectae augment` first"):
+    with pytest.raises(DefectaeError, match="patches file not found; run `defectae augment` first"):
         open_patches(tmp_path / "nothing.h5")
-    with pytest.raises(DefectaeError, match="not a defectae patch file"):
+    with pytest.raises(DefectaeError, match="not a defectae patches file"):
         open_patches(prepared)
     path, _ = patch_file
     with h5py.File(path, "r+") as f:
         f.attrs["format_version"] = 2
-    with pytest.raises(DefectaeError, match="patch format version 2, expected 1"):
+    with pytest.raises(DefectaeError, match="patches format version 2, expected 1"):
         PatchDataset(path)
 
 

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from defectae import __version__
 from defectae.data.corruptions import corrupt
 from defectae.errors import DefectaeError
-from defectae.files import atomic_path
+from defectae.files import atomic_path, open_h5
 from defectae.profiles.schema import CorruptionConfig
 
 FORMAT = "defectae-patches"
@@ -116,28 +116,11 @@ def write_patches(
 
 def open_patches(path: str | Path) -> h5py.File:
     """Open a patch file read-only after checking its format, version and datasets."""
-    path = Path(path)
-    if not path.is_file():
-        raise DefectaeError(f"{path}: patch file not found; run `defectae augment` first")
+    f = open_h5(path, FORMAT, FORMAT_VERSION, "augment", [f"{split}/patches" for split in SPLITS])
     try:
-        f = h5py.File(path, "r")
-    except OSError:
-        raise DefectaeError(f"{path}: not a readable HDF5 file") from None
-    try:
-        if f.attrs.get("format") != FORMAT:
-            raise DefectaeError(
-                f"{path}: not a defectae patch file (attribute format != '{FORMAT}')"
-            )
-        version = int(f.attrs.get("format_version", -1))
-        if version != FORMAT_VERSION:
-            raise DefectaeError(
-                f"{path}: patch format version {version}, expected {FORMAT_VERSION}; run `defectae augment` again"
-            )
         size, channels = int(f.attrs["patch_size"]), int(f.attrs["channels"])
         for split in SPLITS:
             key = f"{split}/patches"
-            if key not in f:
-                raise DefectaeError(f"{path}: missing dataset '{key}'")
             if f[key].dtype != np.uint8 or f[key].shape[1:] != (channels, size, size):
                 raise DefectaeError(
                     f"{path}: dataset '{key}' has shape {f[key].shape} {f[key].dtype}, expected "

@@ -20,7 +20,7 @@ import numpy as np
 
 from defectae import __version__
 from defectae.errors import DefectaeError
-from defectae.files import atomic_path
+from defectae.files import atomic_path, open_h5
 
 FORMAT = "defectae-prepared"
 FORMAT_VERSION = 1
@@ -82,31 +82,15 @@ def write_prepared(path: str | Path, splits: dict[str, PreparedSplit], attrs: di
 
 def open_prepared(path: str | Path, channels: int | None = None) -> h5py.File:
     """Open a prepared file read-only after checking its format, version, groups and channels."""
-    path = Path(path)
-    if not path.is_file():
-        raise DefectaeError(f"{path}: prepared file not found; run `defectae prepare` first")
-    try:
-        f = h5py.File(path, "r")
-    except OSError:
-        raise DefectaeError(f"{path}: not a readable HDF5 file") from None
-    try:
-        if f.attrs.get("format") != FORMAT:
-            raise DefectaeError(f"{path}: not a defectae prepared file (attribute format != '{FORMAT}')")
-        version = int(f.attrs.get("format_version", -1))
-        if version != FORMAT_VERSION:
-            raise DefectaeError(f"{path}: prepared format version {version}, expected {FORMAT_VERSION}; run `defectae prepare` again")
-        for split in SPLITS:
-            for key in FIELDS:
-                if f"{split}/{key}" not in f:
-                    raise DefectaeError(f"{path}: missing dataset '{split}/{key}'")
-        if channels is not None and int(f.attrs["channels"]) != channels:
-            raise DefectaeError(
-                f"{path}: images have {int(f.attrs['channels'])} channel(s), the profile expects {channels} "
-                f"(dataset.color); prepare again with this profile"
-            )
-    except BaseException:
+    required = [f"{split}/{key}" for split in SPLITS for key in FIELDS]
+    f = open_h5(path, FORMAT, FORMAT_VERSION, "prepare", required)
+    if channels is not None and int(f.attrs["channels"]) != channels:
+        found = int(f.attrs["channels"])
         f.close()
-        raise
+        raise DefectaeError(
+            f"{path}: images have {found} channel(s), the profile expects {channels} "
+            f"(dataset.color); prepare again with this profile"
+        )
     return f
 
 
