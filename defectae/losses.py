@@ -110,7 +110,15 @@ def compute_losses(
     corruption_mask: (B, 1, H, W), 1 on corrupted pixels; with corruption_weight != 1 the
     spatial reconstruction term weighs those pixels corruption_weight times more.
     """
-    recon, target = out["recon"].float(), target.float()
+    # Autocast would run the SSIM filters in bfloat16, where E[x^2] - E[x]^2 cancels to noise.
+    with torch.autocast(device_type=target.device.type, enabled=False):
+        return _compute_losses(out, target.float(), cfg, epoch, corruption_mask)
+
+
+def _compute_losses(
+    out: dict[str, Tensor], target: Tensor, cfg: LossConfig, epoch: int, corruption_mask: Tensor | None
+) -> dict[str, Tensor]:
+    recon = out["recon"].float()
     terms: dict[str, Tensor] = {}
     if corruption_mask is not None and cfg.corruption_weight != 1.0 and cfg.recon in ("mse", "l1", "ssim", "msssim"):
         weight = 1.0 + (cfg.corruption_weight - 1.0) * corruption_mask.float()

@@ -95,3 +95,15 @@ def test_losses_run_in_float32_under_bf16_inputs() -> None:
     x, y = _pair()
     terms = compute_losses({"recon": y.bfloat16()}, x, LossConfig(recon="frequency"))
     assert terms["total"].dtype == torch.float32 and np.isfinite(terms["total"].item())
+
+
+@pytest.mark.parametrize("kind", ["ssim", "msssim", "mse"])
+def test_losses_ignore_autocast(kind: str) -> None:
+    g = torch.Generator().manual_seed(1)
+    x = 0.1 + 0.02 * torch.rand(2, 1, 96, 96, generator=g)  # dark, low-contrast: bf16 breaks SSIM here
+    y = (x + 0.01 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    cfg = LossConfig(recon=kind)  # type: ignore[arg-type]
+    plain = compute_losses({"recon": y}, x, cfg)["total"]
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        mixed = compute_losses({"recon": y}, x, cfg)["total"]
+    assert mixed.item() == pytest.approx(plain.item(), rel=1e-5)
