@@ -219,24 +219,38 @@ def _build(
 _VAE = {"is_vae": True, "whole_image": True, "default_size": 256}
 
 
-@register("vae1", "AITEX VAE v1: 4 stride-2 convs, fc mu/logvar, [64,16,16] -> 2 x4 ConvT", **_VAE)
-def build_vae1(
-    in_channels: int,
-    input_size: int,
-    latent_dim: int = 32,
-    dropout: float = 0.2,
-    attention: str = "none",
-) -> nn.Module:
-    """The baseline: a deep encoder and a deliberately shallow decoder."""
-    return _build(
-        "vae1",
-        in_channels,
-        input_size,
-        latent_dim=latent_dim,
-        dropout=dropout,
-        attention=attention,
-        decoder_channels=(64, 32),
-    )
+def _fixed_vae(name: str) -> Callable[..., nn.Module]:
+    """vae1 and vae3: the fixed encoder to 256 channels and a [64, 16, 16] decoder in two x4 steps.
+
+    In the reference the two differ only by v1's final sigmoid, which every version here has.
+    """
+
+    def build(
+        in_channels: int,
+        input_size: int,
+        latent_dim: int = 32,
+        dropout: float = 0.2,
+        attention: str = "none",
+    ) -> nn.Module:
+        return _build(
+            name,
+            in_channels,
+            input_size,
+            latent_dim=latent_dim,
+            dropout=dropout,
+            attention=attention,
+            decoder_channels=(64, 32),
+        )
+
+    return build
+
+
+build_vae1 = register("vae1", "AITEX VAE v1: 4 stride-2 convs, fc mu/logvar, [64,16,16] -> 2 x4 ConvT", **_VAE)(
+    _fixed_vae("vae1")
+)
+build_vae3 = register("vae3", "AITEX VAE v3: fixed 256-ch encoder, [64,16,16] decoded in two large steps", **_VAE)(
+    _fixed_vae("vae3")
+)
 
 
 @register("vae2", "AITEX VAE v2: vae1 with encoder/decoder channel lists as parameters", **_VAE)
@@ -265,28 +279,6 @@ def build_vae2(
         attention=attention,
         encoder_channels=enc,
         decoder_channels=dec,
-    )
-
-
-@register(
-    "vae3", "AITEX VAE v3: fixed 256-ch encoder, [64,16,16] decoded in two large steps", **_VAE
-)
-def build_vae3(
-    in_channels: int,
-    input_size: int,
-    latent_dim: int = 32,
-    dropout: float = 0.2,
-    attention: str = "none",
-) -> nn.Module:
-    """The fixed configuration of v2's defaults (identical to vae1 once both end in a sigmoid)."""
-    return _build(
-        "vae3",
-        in_channels,
-        input_size,
-        latent_dim=latent_dim,
-        dropout=dropout,
-        attention=attention,
-        decoder_channels=(64, 32),
     )
 
 
