@@ -53,8 +53,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DefectaeError(f"{path}: not a readable defectae checkpoint ({first[:160]})") from None
-    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION or "model" not in state:
-        raise DefectaeError(f"{path}: not a defectae checkpoint (format_version {FORMAT_VERSION} expected)")
+    if (
+        not isinstance(state, dict)
+        or state.get("format_version") != FORMAT_VERSION
+        or "model" not in state
+    ):
+        raise DefectaeError(
+            f"{path}: not a defectae checkpoint (format_version {FORMAT_VERSION} expected)"
+        )
     return state
 
 
@@ -76,13 +82,17 @@ def load_model(
         check_profile(profile, expect, path)
     # pretrained-initialisation files (resnetae's `weights`) are not needed: the checkpoint holds the weights
     args = {k: v for k, v in profile.model.args.items() if k != "weights"}
-    model = build_model(profile.model.family, profile.dataset.channels, profile.model.input_size, args)
+    model = build_model(
+        profile.model.family, profile.dataset.channels, profile.model.input_size, args
+    )
     load_weights(model, state, path)
     model.to(map_location).eval()
     return model, profile, state
 
 
-def check_profile(saved: Profile, expect: Profile, path: str | Path, keys: tuple[str, ...] = ()) -> None:
+def check_profile(
+    saved: Profile, expect: Profile, path: str | Path, keys: tuple[str, ...] = ()
+) -> None:
     """A checkpoint of another model family, input size or colour mode (or other `keys`) is a user error."""
     pairs = [
         ("model.family", saved.model.family, expect.model.family),
@@ -92,7 +102,9 @@ def check_profile(saved: Profile, expect: Profile, path: str | Path, keys: tuple
     pairs += [(key, getattr(saved, key), getattr(expect, key)) for key in keys]
     for what, got, want in pairs:
         if got != want:
-            raise DefectaeError(f"{path}: checkpoint has {what} = {got!r}, the profile expects {want!r}")
+            raise DefectaeError(
+                f"{path}: checkpoint has {what} = {got!r}, the profile expects {want!r}"
+            )
 
 
 def load_weights(model: nn.Module, state: dict[str, Any], path: str | Path) -> None:
@@ -101,4 +113,6 @@ def load_weights(model: nn.Module, state: dict[str, Any], path: str | Path) -> N
         model.load_state_dict(state["model"])
     except RuntimeError as e:
         family = state.get("family") or state.get("profile", {}).get("model", {}).get("family", "?")
-        raise DefectaeError(f"{path}: weights do not fit model '{family}' ({str(e).splitlines()[0][:160]})") from None
+        raise DefectaeError(
+            f"{path}: weights do not fit model '{family}' ({str(e).splitlines()[0][:160]})"
+        ) from None

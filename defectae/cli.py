@@ -38,8 +38,12 @@ RootOpt = Annotated[Optional[str], typer.Option("--root", help="Override the dat
 
 @app.callback()
 def _global(
-    verbose: Annotated[bool, typer.Option("--verbose/--quiet", "-v/-q", help="More or less output.")] = None,  # type: ignore[assignment]
-    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout (and nothing else).")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose/--quiet", "-v/-q", help="More or less output.")
+    ] = None,  # type: ignore[assignment]
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print a JSON summary on stdout (and nothing else).")
+    ] = False,
 ) -> None:
     console.mode.verbose = verbose is True
     console.mode.quiet = verbose is False
@@ -51,7 +55,9 @@ def _profile(name: str | None, sets: list[str] | None, root: str | None, require
 
     if name is None:
         if required:
-            raise DefectaeError("--profile: expected a profile name (see `defectae profiles list`) or a .toml path")
+            raise DefectaeError(
+                "--profile: expected a profile name (see `defectae profiles list`) or a .toml path"
+            )
         return None
     return profiles.resolve(name, sets or [], root)
 
@@ -70,16 +76,30 @@ def prepare(
     root: RootOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Output HDF5 file.")] = None,
     synthetic: Annotated[
-        Optional[str], typer.Option("--synthetic", help="Generate a procedural texture dataset: woven or grid.")
+        Optional[str],
+        typer.Option("--synthetic", help="Generate a procedural texture dataset: woven or grid."),
     ] = None,
-    download: Annotated[Optional[str], typer.Option("--download", help="Fetch and unpack a dataset archive first.")] = None,
-    sha256: Annotated[Optional[str], typer.Option("--sha256", help="Expected SHA-256 of the archive.")] = None,
+    download: Annotated[
+        Optional[str], typer.Option("--download", help="Fetch and unpack a dataset archive first.")
+    ] = None,
+    sha256: Annotated[
+        Optional[str], typer.Option("--sha256", help="Expected SHA-256 of the archive.")
+    ] = None,
 ) -> None:
     """Read a dataset and write one prepared HDF5 file (train / validation / test with masks)."""
     from defectae import prepare as command
 
-    _done(command.run(profile=profile, sets=sets or [], root=root, out=out, synthetic=synthetic,
-                      download=download, sha256=sha256))
+    _done(
+        command.run(
+            profile=profile,
+            sets=sets or [],
+            root=root,
+            out=out,
+            synthetic=synthetic,
+            download=download,
+            sha256=sha256,
+        )
+    )
 
 
 @app.command()
@@ -87,7 +107,9 @@ def augment(
     profile: ProfileOpt = None,
     sets: SetOpt = None,
     root: RootOpt = None,
-    prepared: Annotated[Optional[Path], typer.Option("--prepared", help="Input prepared.h5.")] = None,
+    prepared: Annotated[
+        Optional[Path], typer.Option("--prepared", help="Input prepared.h5.")
+    ] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Output patches.h5.")] = None,
 ) -> None:
     """Sample augmented training and validation patches into an HDF5 patch dataset."""
@@ -102,18 +124,33 @@ def train(
     sets: SetOpt = None,
     root: RootOpt = None,
     patches: Annotated[Optional[Path], typer.Option("--patches", help="Input patches.h5.")] = None,
-    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in RUN_DIR from last.pt.")] = None,
+    resume: Annotated[
+        Optional[Path], typer.Option("--resume", help="Continue the run in RUN_DIR from last.pt.")
+    ] = None,
     amp: Annotated[Optional[str], typer.Option("--amp", help="auto, bf16, fp16 or off.")] = None,
     compile: Annotated[Optional[str], typer.Option("--compile", help="on or off.")] = None,
-    find_batch_size: Annotated[bool, typer.Option("--find-batch-size", help="Find the largest batch that fits, then stop.")] = False,
-    write_batch_size: Annotated[bool, typer.Option("--write-batch-size", help="With --find-batch-size: train with it.")] = False,
+    find_batch_size: Annotated[
+        bool, typer.Option("--find-batch-size", help="Find the largest batch that fits, then stop.")
+    ] = False,
+    write_batch_size: Annotated[
+        bool, typer.Option("--write-batch-size", help="With --find-batch-size: train with it.")
+    ] = False,
 ) -> None:
     """Train a model on the patch dataset (AMP, torch.compile, early stopping, resume, DDP)."""
     from defectae import train as command
 
     prof = None if resume is not None and profile is None else _profile(profile, sets, root)
-    _done(command.run(prof, patches=patches, resume=resume, amp=amp, compile=compile,
-                      find_batch_size=find_batch_size, write_batch_size=write_batch_size))
+    _done(
+        command.run(
+            prof,
+            patches=patches,
+            resume=resume,
+            amp=amp,
+            compile=compile,
+            find_batch_size=find_batch_size,
+            write_batch_size=write_batch_size,
+        )
+    )
 
 
 @app.command("tile-test")
@@ -121,16 +158,29 @@ def tile_test(
     profile: ProfileOpt = None,
     sets: SetOpt = None,
     root: RootOpt = None,
-    run: Annotated[Optional[Path], typer.Option("--run", help="Run folder (default: the profile's latest).")] = None,
-    prepared: Annotated[Optional[Path], typer.Option("--prepared", help="Input prepared.h5.")] = None,
+    run: Annotated[
+        Optional[Path], typer.Option("--run", help="Run folder (default: the profile's latest).")
+    ] = None,
+    prepared: Annotated[
+        Optional[Path], typer.Option("--prepared", help="Input prepared.h5.")
+    ] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Output residuals.h5.")] = None,
-    export_maps: Annotated[Optional[Path], typer.Option("--export-maps", help="Write MVTec-evaluator TIFF maps here.")] = None,
+    export_maps: Annotated[
+        Optional[Path], typer.Option("--export-maps", help="Write MVTec-evaluator TIFF maps here.")
+    ] = None,
 ) -> None:
     """Reconstruct every test and validation image by sliding window and write residual maps."""
     from defectae import tile_test as command
 
-    _done(command.run(_profile(profile, sets, root, required=run is None), run=run, prepared=prepared,
-                      out=out, export_maps=export_maps))
+    _done(
+        command.run(
+            _profile(profile, sets, root, required=run is None),
+            run=run,
+            prepared=prepared,
+            out=out,
+            export_maps=export_maps,
+        )
+    )
 
 
 @app.command()
@@ -138,43 +188,76 @@ def score(
     profile: ProfileOpt = None,
     sets: SetOpt = None,
     root: RootOpt = None,
-    run: Annotated[Optional[Path], typer.Option("--run", help="Run folder (default: the profile's latest).")] = None,
-    residuals: Annotated[Optional[Path], typer.Option("--residuals", help="Input residuals.h5.")] = None,
-    gt: Annotated[Optional[Path], typer.Option("--gt", help="Ground-truth folder in MVTec layout.")] = None,
+    run: Annotated[
+        Optional[Path], typer.Option("--run", help="Run folder (default: the profile's latest).")
+    ] = None,
+    residuals: Annotated[
+        Optional[Path], typer.Option("--residuals", help="Input residuals.h5.")
+    ] = None,
+    gt: Annotated[
+        Optional[Path], typer.Option("--gt", help="Ground-truth folder in MVTec layout.")
+    ] = None,
     protocol: Annotated[str, typer.Option("--protocol", help="mvtec or radli.")] = "mvtec",
     out: Annotated[Optional[Path], typer.Option("--out", help="Report folder.")] = None,
 ) -> None:
     """Compute image and pixel metrics and write metrics.json, figures and index.html."""
     from defectae import score as command
 
-    _done(command.run(_profile(profile, sets, root, required=False), run=run, residuals=residuals, gt=gt,
-                      protocol=protocol, out=out))
+    _done(
+        command.run(
+            _profile(profile, sets, root, required=False),
+            run=run,
+            residuals=residuals,
+            gt=gt,
+            protocol=protocol,
+            out=out,
+        )
+    )
 
 
 @app.command()
 def export(
     run: Annotated[Path, typer.Option("--run", help="Run folder with a checkpoint.")],
     format: Annotated[str, typer.Option("--format", help="torchscript, onnx or all.")] = "all",
-    int8: Annotated[bool, typer.Option("--int8", help="Also write an INT8-quantized CPU model.")] = False,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default RUN/export).")] = None,
+    int8: Annotated[
+        bool, typer.Option("--int8", help="Also write an INT8-quantized CPU model.")
+    ] = False,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", help="Output folder (default RUN/export).")
+    ] = None,
     tolerance: Annotated[
-        Optional[float], typer.Option("--tolerance", help="Largest max-abs difference from the eager model (default 1e-4).")
+        Optional[float],
+        typer.Option(
+            "--tolerance", help="Largest max-abs difference from the eager model (default 1e-4)."
+        ),
     ] = None,
 ) -> None:
     """Export the model and the whole-image inspector, verified against the eager model."""
     from defectae import export as command
 
-    _done(command.run(run=run, format=format, int8=int8, out=out,
-                      tolerance=command.TOLERANCE if tolerance is None else tolerance))
+    _done(
+        command.run(
+            run=run,
+            format=format,
+            int8=int8,
+            out=out,
+            tolerance=command.TOLERANCE if tolerance is None else tolerance,
+        )
+    )
 
 
 @app.command()
 def bench(
-    profile: Annotated[Optional[list[str]], typer.Option("--profile", "-p", help="Profiles to benchmark (repeatable).")] = None,
+    profile: Annotated[
+        Optional[list[str]],
+        typer.Option("--profile", "-p", help="Profiles to benchmark (repeatable)."),
+    ] = None,
     sets: SetOpt = None,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
     out: Annotated[Optional[Path], typer.Option("--out", help="Where to write bench.json.")] = None,
-    quick: Annotated[bool, typer.Option("--quick", help="Few repetitions (for smoke tests).")] = False,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Few repetitions (for smoke tests).")
+    ] = False,
 ) -> None:
     """Measure parameters, FLOPs, throughput, latency and memory; write bench.json."""
     from defectae import bench as command
@@ -222,7 +305,9 @@ def _hoist_global_flags(argv: list[str]) -> list[str]:
 def main() -> None:
     """Console entry point: one red line and exit 2 for user errors, 130 for Ctrl-C."""
     try:
-        code = app(args=_hoist_global_flags(sys.argv[1:]), prog_name="defectae", standalone_mode=False)
+        code = app(
+            args=_hoist_global_flags(sys.argv[1:]), prog_name="defectae", standalone_mode=False
+        )
         if isinstance(code, int) and code:  # not standalone, typer returns 130 for Ctrl-C
             sys.exit(code)
     except DefectaeError as e:

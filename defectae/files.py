@@ -26,7 +26,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; outputs follow the umask like any file
+    os.chmod(
+        tmp_path, 0o666 & ~_umask()
+    )  # mkstemp makes 0600; outputs follow the umask like any file
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -55,7 +57,9 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def open_h5(path: str | Path, fmt: str, version: int, command: str, required: Iterable[str] = ()) -> h5py.File:
+def open_h5(
+    path: str | Path, fmt: str, version: int, command: str, required: Iterable[str] = ()
+) -> h5py.File:
     """Open one of defectae's HDF5 files read-only after checking its format, version and datasets.
 
     `command` is the defectae command that writes the file, named in the error messages.

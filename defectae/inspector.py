@@ -27,7 +27,13 @@ class Inspector(nn.Module):
     """
 
     def __init__(
-        self, model: nn.Module, patch_size: int, stride: int, tile_cfg: TileConfig, whole_image: bool, batch_size: int
+        self,
+        model: nn.Module,
+        patch_size: int,
+        stride: int,
+        tile_cfg: TileConfig,
+        whole_image: bool,
+        batch_size: int,
     ) -> None:
         super().__init__()
         residual_weights(tile_cfg)  # fail on a bad [tile] before any work
@@ -57,7 +63,9 @@ class Inspector(nn.Module):
                 recon = self.reconstruct(x)
             else:
                 small = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-                recon = F.interpolate(self.reconstruct(small), size=(h, w), mode="bilinear", align_corners=False)
+                recon = F.interpolate(
+                    self.reconstruct(small), size=(h, w), mode="bilinear", align_corners=False
+                )
         else:
             patches = extract_patches(x, size, self.stride)  # (B * N, C, size, size)
             recon = fuse_patches(self.reconstruct(patches), (h, w), size, self.stride)

@@ -30,7 +30,9 @@ def msssim_window(side: int, window: int) -> int:
     fit = (side - 1) // 16 + 1  # pytorch-msssim needs side > (win - 1) * 16
     win = min(window, fit if fit % 2 == 1 else fit - 1)
     if win < 3:
-        raise DefectaeError(f"loss.recon = 'msssim': patches of {side} px are too small; expected at least 33 px")
+        raise DefectaeError(
+            f"loss.recon = 'msssim': patches of {side} px are too small; expected at least 33 px"
+        )
     return win
 
 
@@ -74,7 +76,9 @@ def _weighted_mean(per_pixel: Tensor, weight: Tensor) -> Tensor:
     return (per_pixel * weight).sum() / weight.sum()
 
 
-def _weighted_recon(kind: str, recon: Tensor, target: Tensor, weight: Tensor, window: int) -> Tensor:
+def _weighted_recon(
+    kind: str, recon: Tensor, target: Tensor, weight: Tensor, window: int
+) -> Tensor:
     """Per-pixel reconstruction loss weighted towards the corrupted area (denoising models)."""
     if kind == "l1":
         return _weighted_mean((recon - target).abs(), weight)
@@ -92,7 +96,9 @@ RECON: dict[str, Callable[[Tensor, Tensor, LossConfig], Tensor]] = {
     "logfrequency": lambda r, t, c: logfrequency_loss(r, t),
     "hybrid": lambda r, t, c: F.mse_loss(r, t) + c.frequency_weight * frequency_loss(r, t),
     "hybrid_spatial": lambda r, t, c: (
-        c.frequency_weight * frequency_loss(r, t) + F.mse_loss(r, t) + ssim_loss(r, t, c.ssim_window)
+        c.frequency_weight * frequency_loss(r, t)
+        + F.mse_loss(r, t)
+        + ssim_loss(r, t, c.ssim_window)
     ),
 }
 
@@ -116,11 +122,19 @@ def compute_losses(
 
 
 def _compute_losses(
-    out: dict[str, Tensor], target: Tensor, cfg: LossConfig, epoch: int, corruption_mask: Tensor | None
+    out: dict[str, Tensor],
+    target: Tensor,
+    cfg: LossConfig,
+    epoch: int,
+    corruption_mask: Tensor | None,
 ) -> dict[str, Tensor]:
     recon = out["recon"].float()
     terms: dict[str, Tensor] = {}
-    if corruption_mask is not None and cfg.corruption_weight != 1.0 and cfg.recon in ("mse", "l1", "ssim", "msssim"):
+    if (
+        corruption_mask is not None
+        and cfg.corruption_weight != 1.0
+        and cfg.recon in ("mse", "l1", "ssim", "msssim")
+    ):
         weight = 1.0 + (cfg.corruption_weight - 1.0) * corruption_mask.float()
         terms["recon"] = _weighted_recon(cfg.recon, recon, target, weight, cfg.ssim_window)
     else:
@@ -134,7 +148,9 @@ def _compute_losses(
         total = total + cfg.beta * terms["ssim"]
     if cfg.sparse_weight > 0:
         if "z" not in out:
-            raise DefectaeError("loss.sparse_weight > 0: this model family returns no latent code 'z'")
+            raise DefectaeError(
+                "loss.sparse_weight > 0: this model family returns no latent code 'z'"
+            )
         terms["sparse"] = out["z"].float().abs().mean()
         total = total + cfg.sparse_weight * terms["sparse"]
     terms["total"] = total

@@ -35,13 +35,17 @@ def residual_weights(cfg: TileConfig) -> dict[str, float]:
             raise DefectaeError(f"tile.residual.{name}: weight {weight} must not be negative")
     weights = {name: float(w) for name, w in cfg.residual.items() if w > 0}
     if not weights:
-        raise DefectaeError(f"tile.residual: expected a positive weight for at least one of {valid}")
+        raise DefectaeError(
+            f"tile.residual: expected a positive weight for at least one of {valid}"
+        )
     return weights
 
 
 def _ssim(x: torch.Tensor, recon: torch.Tensor, cfg: TileConfig) -> torch.Tensor:
     """Channel-mean local SSIM: (B, 1, H, W)."""
-    s = ssim_map(x, recon, cfg.ssim_window, cfg.ssim_gaussian, cfg.ssim_sigma, cfg.ssim_k1, cfg.ssim_k2, 1.0)
+    s = ssim_map(
+        x, recon, cfg.ssim_window, cfg.ssim_gaussian, cfg.ssim_sigma, cfg.ssim_k1, cfg.ssim_k2, 1.0
+    )
     return s.mean(1, keepdim=True)
 
 
@@ -58,7 +62,9 @@ def residual_msssim(x: torch.Tensor, recon: torch.Tensor, cfg: TileConfig) -> to
         if level and min(int(x.shape[2]), int(x.shape[3])) < cfg.ssim_window:
             break
         s = _ssim(x, recon, cfg)
-        maps.append(s if level == 0 else F.interpolate(s, size=size, mode="bilinear", align_corners=False))
+        maps.append(
+            s if level == 0 else F.interpolate(s, size=size, mode="bilinear", align_corners=False)
+        )
         x, recon = F.avg_pool2d(x, 2), F.avg_pool2d(recon, 2)
     return 1.0 - torch.stack(maps).mean(0)
 
@@ -81,7 +87,9 @@ def smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     radius = int(4.0 * sigma + 0.5)
     side = min(int(maps.shape[2]), int(maps.shape[3]))
     if radius >= side:
-        raise DefectaeError(f"tile.smooth_sigma {sigma}: the kernel radius {radius} is not smaller than the image side {side}")
+        raise DefectaeError(
+            f"tile.smooth_sigma {sigma}: the kernel radius {radius} is not smaller than the image side {side}"
+        )
     return separable_filter(maps, gaussian_kernel1d(sigma, truncate=4.0, device=maps.device))
 
 
@@ -91,7 +99,9 @@ def residual_map(x: torch.Tensor, recon: torch.Tensor, cfg: TileConfig) -> torch
     x, recon = x.float(), recon.float()
     side = min(int(x.shape[2]), int(x.shape[3]))
     if ("ssim" in weights or "msssim" in weights) and cfg.ssim_window > side:
-        raise DefectaeError(f"tile.ssim_window {cfg.ssim_window}: larger than the image side {side}")
+        raise DefectaeError(
+            f"tile.ssim_window {cfg.ssim_window}: larger than the image side {side}"
+        )
     total = None
     for name, weight in weights.items():
         term = _RESIDUAL[name](x, recon, cfg)

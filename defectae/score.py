@@ -148,7 +148,9 @@ def _profile_near(run_dir: Path | None, residuals_path: Path) -> Profile | None:
 
 def read_residuals(path: Path) -> Residuals:
     """Read and check residuals.h5 (format, version, fields, shapes, finite values)."""
-    with open_h5(path, FORMAT, FORMAT_VERSION, "tile-test", [f"test/{key}" for key in _FIELDS]) as f:
+    with open_h5(
+        path, FORMAT, FORMAT_VERSION, "tile-test", [f"test/{key}" for key in _FIELDS]
+    ) as f:
         maps = f["test/residuals"]
         if maps.ndim != 4 or maps.shape[1] != 1:
             raise DefectaeError(

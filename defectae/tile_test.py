@@ -70,15 +70,21 @@ class TimedModel(nn.Module):
         return {"recon": recon}
 
 
-def _images_per_step(tile: TileConfig, image_hw: tuple[int, int], patch: int, whole_image: bool) -> int:
+def _images_per_step(
+    tile: TileConfig, image_hw: tuple[int, int], patch: int, whole_image: bool
+) -> int:
     """Images per forward step: enough to fill about one batch of patches, at least one."""
     if whole_image:
         return tile.batch_size
-    per_image = len(tile_origins(image_hw[0], patch, tile.stride)) * len(tile_origins(image_hw[1], patch, tile.stride))
+    per_image = len(tile_origins(image_hw[0], patch, tile.stride)) * len(
+        tile_origins(image_hw[1], patch, tile.stride)
+    )
     return max(1, tile.batch_size // per_image)
 
 
-def _inspect(inspector: Inspector, images: np.ndarray, device: torch.device) -> tuple[torch.Tensor, ...]:
+def _inspect(
+    inspector: Inspector, images: np.ndarray, device: torch.device
+) -> tuple[torch.Tensor, ...]:
     """uint8 (B, C, H, W) images -> residual (float32), score, uint8 recon, all on the CPU."""
     x = torch.from_numpy(images).to(device).float().div_(255.0)
     residual, score, recon = inspector(x)
@@ -125,19 +131,35 @@ def tile_throughput(
     }
 
 
-def _export_map(directory: Path, category: str, defect_type: str, name: str, residual: torch.Tensor,
-                orig_hw: tuple[int, int]) -> None:
+def _export_map(
+    directory: Path,
+    category: str,
+    defect_type: str,
+    name: str,
+    residual: torch.Tensor,
+    orig_hw: tuple[int, int],
+) -> None:
     """One (1, H, W) map as a float32 TIFF at the original size: DIR/CATEGORY/test/TYPE/NAME.tiff."""
     m = residual[None].float()  # (1, 1, H, W)
     if tuple(m.shape[-2:]) != orig_hw:
         m = F.interpolate(m, size=orig_hw, mode="bilinear", align_corners=False)
     with atomic_path(directory / category / "test" / defect_type / f"{name}.tiff") as tmp:
-        Image.fromarray(np.ascontiguousarray(m[0, 0].numpy(), dtype=np.float32)).save(tmp, format="TIFF")
+        Image.fromarray(np.ascontiguousarray(m[0, 0].numpy(), dtype=np.float32)).save(
+            tmp, format="TIFF"
+        )
 
 
 def _write_split(
-    src: h5py.File, dst: h5py.File, split: str, inspector: Inspector, step: int, device: torch.device,
-    save_recon: bool, export: tuple[Path, str] | None, bar: Any, task: Any,
+    src: h5py.File,
+    dst: h5py.File,
+    split: str,
+    inspector: Inspector,
+    step: int,
+    device: torch.device,
+    save_recon: bool,
+    export: tuple[Path, str] | None,
+    bar: Any,
+    task: Any,
 ) -> None:
     """Stream one split through the inspector into preallocated datasets of `dst`."""
     images = src[f"{split}/images"]
@@ -145,13 +167,20 @@ def _write_split(
     g = dst.create_group(split)
     for key in COPIED:
         src.copy(src[f"{split}/{key}"], g, name=key)
-    residuals = g.create_dataset("residuals", (n, 1, h, w), np.float16, chunks=(1, 1, h, w) if n else None)
+    residuals = g.create_dataset(
+        "residuals", (n, 1, h, w), np.float16, chunks=(1, 1, h, w) if n else None
+    )
     scores = g.create_dataset("scores", (n,), np.float32)
     recons = None
     if save_recon:
-        recons = g.create_dataset("recon", (n, c, h, w), np.uint8, chunks=(1, c, h, w) if n else None)
+        recons = g.create_dataset(
+            "recon", (n, c, h, w), np.uint8, chunks=(1, c, h, w) if n else None
+        )
     if export is not None:
-        types, names = read_strings(src, f"{split}/defect_types"), read_strings(src, f"{split}/names")
+        types, names = (
+            read_strings(src, f"{split}/defect_types"),
+            read_strings(src, f"{split}/names"),
+        )
         orig = src[f"{split}/orig_sizes"][()]
     for start in range(0, n, step):
         stop = min(n, start + step)
@@ -162,8 +191,14 @@ def _write_split(
             recons[start:stop] = recon.numpy()
         if export is not None:
             for j in range(start, stop):
-                _export_map(export[0], export[1], types[j], names[j], residual[j - start],
-                            (int(orig[j, 0]), int(orig[j, 1])))
+                _export_map(
+                    export[0],
+                    export[1],
+                    types[j],
+                    names[j],
+                    residual[j - start],
+                    (int(orig[j, 0]), int(orig[j, 1])),
+                )
         bar.advance(task, stop - start)
 
 
@@ -195,16 +230,23 @@ def run(
     with open_prepared(prepared, channels) as src:
         h, w = src["test/images"].shape[2:]
         if not whole_image and patch > min(h, w):
-            raise DefectaeError(f"model.input_size {patch}: larger than the prepared images ({h}x{w}) in {prepared}")
+            raise DefectaeError(
+                f"model.input_size {patch}: larger than the prepared images ({h}x{w}) in {prepared}"
+            )
         category = str(src.attrs.get("category", "") or eff.dataset.category or eff.dataset.name)
-        model = compile_or_eager(model.to(device), tile.compile,
-                                 torch.zeros(min(tile.batch_size, 8), channels, patch, patch, device=device))
+        model = compile_or_eager(
+            model.to(device),
+            tile.compile,
+            torch.zeros(min(tile.batch_size, 8), channels, patch, patch, device=device),
+        )
         timed = TimedModel(model, device, dtype)
         inspector = Inspector(timed, patch, tile.stride, tile, whole_image, tile.batch_size)
         step = _images_per_step(tile, (h, w), patch, whole_image)
         total = sum(src[f"{s}/images"].shape[0] for s in SPLITS)
-        console.info(f"tile-test {eff.name}: {ckpt} on {total} images of {prepared} ({device}, "
-                     f"{'whole image' if whole_image else f'patch {patch}, stride {tile.stride}'})")
+        console.info(
+            f"tile-test {eff.name}: {ckpt} on {total} images of {prepared} ({device}, "
+            f"{'whole image' if whole_image else f'patch {patch}, stride {tile.stride}'})"
+        )
         with atomic_path(out) as tmp, h5py.File(tmp, "w", track_order=True) as dst:
             dst.attrs["format"] = FORMAT
             dst.attrs["format_version"] = FORMAT_VERSION
@@ -222,15 +264,27 @@ def run(
             with torch.inference_mode(), console.progress() as bar:
                 task = bar.add_task("tile-test", total=total)
                 for split in SPLITS:
-                    _write_split(src, dst, split, inspector, step, device, tile.save_reconstructions,
-                                 export if split == "test" else None, bar, task)
+                    _write_split(
+                        src,
+                        dst,
+                        split,
+                        inspector,
+                        step,
+                        device,
+                        tile.save_reconstructions,
+                        export if split == "test" else None,
+                        bar,
+                        task,
+                    )
             loop_seconds = time.perf_counter() - loop_start
     write_profile(eff, out.parent)
 
     model_share = timed.seconds / loop_seconds if loop_seconds > 0 else 0.0
     rate = total / loop_seconds if loop_seconds > 0 else 0.0
-    console.info(f"{total} images, {rate:.2f} images/s, {1 - model_share:.0%} of the time outside the model "
-                 f"forward -> {out}" + (f"; maps in {export_maps}" if export_maps is not None else ""))
+    console.info(
+        f"{total} images, {rate:.2f} images/s, {1 - model_share:.0%} of the time outside the model "
+        f"forward -> {out}" + (f"; maps in {export_maps}" if export_maps is not None else "")
+    )
     return {
         "residuals": str(out),
         "images": total,

@@ -21,9 +21,13 @@ def tile_origins(length: int, size: int, stride: int) -> list[int]:
     if stride < 1:
         raise DefectaeError(f"tile.stride {stride}: expected a positive stride")
     if size > length:
-        raise DefectaeError(f"model.input_size {size}: the patch is larger than the image side {length}")
+        raise DefectaeError(
+            f"model.input_size {size}: the patch is larger than the image side {length}"
+        )
     if stride > size:
-        raise DefectaeError(f"tile.stride {stride}: larger than the patch size {size}, which leaves pixels uncovered")
+        raise DefectaeError(
+            f"tile.stride {stride}: larger than the patch size {size}, which leaves pixels uncovered"
+        )
     origins = list(range(0, length - size + 1, stride))
     if origins[-1] != length - size:
         origins.append(length - size)
@@ -54,14 +58,18 @@ def extract_patches(img: torch.Tensor, size: int, stride: int) -> torch.Tensor:
     return _tiles(img, size, stride).permute(0, 2, 3, 1, 4, 5).reshape(-1, c, size, size)
 
 
-def _axis_index(length: int, size: int, stride: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _axis_index(
+    length: int, size: int, stride: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per pixel along one axis: one tile covering it, and the pixel's offset inside that tile.
 
     Tile i answers for [origin[i], origin[i + 1]); the last tile for the rest (it ends at length).
     """
     start = torch.tensor(tile_origins(length, size, stride), device=device)
     pixel = torch.arange(length, device=device)
-    tile = (pixel[:, None] >= start[None, :]).sum(1) - 1  # (length,) last tile starting at or before
+    tile = (pixel[:, None] >= start[None, :]).sum(
+        1
+    ) - 1  # (length,) last tile starting at or before
     return tile, pixel - start[tile]
 
 
@@ -72,7 +80,9 @@ def _axis_count(length: int, size: int, stride: int, device: torch.device) -> to
     return ((pixel >= start[None, :]) & (pixel < start[None, :] + size)).sum(1).float()
 
 
-def _overlap_add(patches: torch.Tensor, image_hw: tuple[int, int], size: int, stride: int) -> torch.Tensor:
+def _overlap_add(
+    patches: torch.Tensor, image_hw: tuple[int, int], size: int, stride: int
+) -> torch.Tensor:
     """Sum (B * N, C, size, size) tiles onto (B, C, H, W) with one fold per regular sub-grid.
 
     The border row/column of tiles breaks the regular grid, so the regular block, the border
@@ -99,7 +109,9 @@ def _overlap_add(patches: torch.Tensor, image_hw: tuple[int, int], size: int, st
     return total
 
 
-def fuse_patches(patches: torch.Tensor, image_hw: tuple[int, int], size: int, stride: int) -> torch.Tensor:
+def fuse_patches(
+    patches: torch.Tensor, image_hw: tuple[int, int], size: int, stride: int
+) -> torch.Tensor:
     """Inverse of `extract_patches`: (B * N, C, size, size) -> (B, C, H, W), overlaps averaged.
 
     Averages the deviations from one covering tile (reference + fold(deviation) / overlap count):

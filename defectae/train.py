@@ -79,7 +79,9 @@ class Objective(nn.Module):
         self.model, self.loss = model, loss
         self.own = hasattr(devices.unwrap(model), "training_losses")
 
-    def forward(self, clean: Tensor, inputs: Tensor, mask: Tensor | None, epoch: int) -> dict[str, Tensor]:
+    def forward(
+        self, clean: Tensor, inputs: Tensor, mask: Tensor | None, epoch: int
+    ) -> dict[str, Tensor]:
         if self.own:
             return devices.unwrap(self.model).training_losses(clean)
         return compute_losses(self.model(inputs), clean, self.loss, epoch, corruption_mask=mask)
@@ -148,15 +150,25 @@ def validate(
             x = batch["clean"].to(device, non_blocking=True)  # (B, C, P, P)
             with devices.autocast(device, dtype):
                 out = model(x)
-                terms = devices.unwrap(model).training_losses(x) if own else compute_losses(out, x, loss, epoch - 1)
+                terms = (
+                    devices.unwrap(model).training_losses(x)
+                    if own
+                    else compute_losses(out, x, loss, epoch - 1)
+                )
             terms = {term_name(k): v for k, v in terms.items()}
-            terms["ssim"] = ssim_map(out["recon"].float().clamp(0, 1), x, window=loss.ssim_window).mean()
+            terms["ssim"] = ssim_map(
+                out["recon"].float().clamp(0, 1), x, window=loss.ssim_window
+            ).mean()
             for key, value in terms.items():
                 sums[key] = sums.get(key, 0.0) + value.detach().double() * x.shape[0]
-            sums["count"] = sums.get("count", 0.0) + torch.tensor(float(x.shape[0]), dtype=torch.float64, device=device)
+            sums["count"] = sums.get("count", 0.0) + torch.tensor(
+                float(x.shape[0]), dtype=torch.float64, device=device
+            )
     model.train()
     keys = sorted(sums)
-    packed = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=device) for k in keys])
+    packed = torch.stack(
+        [torch.as_tensor(sums[k], dtype=torch.float64, device=device) for k in keys]
+    )
     if world > 1:
         dist.all_reduce(packed)
     values = dict(zip(keys, packed.tolist(), strict=True))
@@ -217,10 +229,14 @@ def run(
     state = None
     if resume is not None:
         if find_batch_size:
-            raise DefectaeError("--find-batch-size: not with --resume (the batch size of a run is fixed)")
+            raise DefectaeError(
+                "--find-batch-size: not with --resume (the batch size of a run is fixed)"
+            )
         state, profile = _resume_state(Path(resume), profile)
     elif profile is None:
-        raise DefectaeError("--profile: expected a profile name or a .toml path (or --resume RUN_DIR)")
+        raise DefectaeError(
+            "--profile: expected a profile name or a .toml path (or --resume RUN_DIR)"
+        )
     cfg = profile.train
     patches = Path(patches or (state["patches"] if state else workspace.patches_path(profile)))
     num_train = _check_patches(patches, profile)
@@ -236,9 +252,21 @@ def run(
             found = _find_batch_size(profile, dev, dtype, num_train, world)
             if not write_batch_size:
                 return found
-            profile = dataclasses.replace(profile, train=dataclasses.replace(cfg, batch_size=found["batch_size"]))
+            profile = dataclasses.replace(
+                profile, train=dataclasses.replace(cfg, batch_size=found["batch_size"])
+            )
         compiled = cfg.compile if compile is None else compile == "on"
-        return _fit(profile, patches, state, Path(resume) if resume else None, dev, dtype, compiled, rank, world)
+        return _fit(
+            profile,
+            patches,
+            state,
+            Path(resume) if resume else None,
+            dev,
+            dtype,
+            compiled,
+            rank,
+            world,
+        )
     finally:
         torch.use_deterministic_algorithms(deterministic)
         if world > 1:
@@ -259,7 +287,9 @@ def _fit(
     """The training loop: build, then per epoch train, validate, log and checkpoint."""
     cfg, main = profile.train, rank == 0
     if cfg.batch_size % world:
-        raise DefectaeError(f"train.batch_size {cfg.batch_size}: expected a multiple of the {world} DDP processes")
+        raise DefectaeError(
+            f"train.batch_size {cfg.batch_size}: expected a multiple of the {world} DDP processes"
+        )
     corruption = profile.corruption if profile.corruption.kind != "none" else None
     train_set = PatchDataset(patches, "train", cfg.batch_size // world, corruption, seed=cfg.seed)
     val_set = PatchDataset(patches, "validation", cfg.batch_size // world)
@@ -271,7 +301,9 @@ def _fit(
         )
 
     _seed_everything(cfg.seed)
-    model = build_model(profile.model.family, profile.dataset.channels, profile.model.input_size, profile.model.args)
+    model = build_model(
+        profile.model.family, profile.dataset.channels, profile.model.input_size, profile.model.args
+    )
     model = _compile(model.to(dev), compile, val_set[0]["clean"].to(dev))
     compiled = model is not devices.unwrap(model)
     optimizer = make_optimizer(model, cfg)
@@ -284,17 +316,27 @@ def _fit(
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         epoch, step, best_val = state["epoch"], state["step"], state["best_val"]
-        best_epoch, bad_epochs, stopped = state["best_epoch"], state["bad_epochs"], state["stopped_early"]
+        best_epoch, bad_epochs, stopped = (
+            state["best_epoch"],
+            state["bad_epochs"],
+            state["stopped_early"],
+        )
         _set_rng_state(state["rng"][rank if rank < len(state["rng"]) else 0], dev)
     else:
-        torch.manual_seed(cfg.seed + rank)  # independent noise per rank; the weights come from rank 0
+        torch.manual_seed(
+            cfg.seed + rank
+        )  # independent noise per rank; the weights come from rank 0
     objective: nn.Module = Objective(model, profile.loss)
     if world > 1:
-        objective = nn.parallel.DistributedDataParallel(objective, device_ids=[dev.index] if dev.type == "cuda" else None)
+        objective = nn.parallel.DistributedDataParallel(
+            objective, device_ids=[dev.index] if dev.type == "cuda" else None
+        )
 
     run_dir = _run_dir(profile, run_dir, main, world)
     writer, metrics = None, _read_metrics(run_dir / "metrics.jsonl", epoch)
-    log_images = PatchDataset(patches, "validation", min(cfg.n_log_images, val_set.num_patches))[0]["clean"]
+    log_images = PatchDataset(patches, "validation", min(cfg.n_log_images, val_set.num_patches))[0][
+        "clean"
+    ]
 
     def save(name: str) -> None:
         rng = [_rng_state(dev)]
@@ -302,14 +344,27 @@ def _fit(
             rng = [None] * world
             dist.all_gather_object(rng, _rng_state(dev))
         if main:
-            save_checkpoint({
-                "model": devices.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
-                "rng": rng, "profile": profiles.to_dict(profile), "family": profile.model.family,
-                "in_channels": profile.dataset.channels, "best_val": best_val, "best_epoch": best_epoch,
-                "bad_epochs": bad_epochs, "stopped_early": stopped, "patches": str(patches.resolve()),
-                "data": {"seed": cfg.seed, "batch_size": cfg.batch_size, "world_size": world},
-            }, run_dir / name)
+            save_checkpoint(
+                {
+                    "model": devices.unwrap(model).state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "epoch": epoch,
+                    "step": step,
+                    "rng": rng,
+                    "profile": profiles.to_dict(profile),
+                    "family": profile.model.family,
+                    "in_channels": profile.dataset.channels,
+                    "best_val": best_val,
+                    "best_epoch": best_epoch,
+                    "bad_epochs": bad_epochs,
+                    "stopped_early": stopped,
+                    "patches": str(patches.resolve()),
+                    "data": {"seed": cfg.seed, "batch_size": cfg.batch_size, "world_size": world},
+                },
+                run_dir / name,
+            )
 
     if main:
         from torch.utils.tensorboard import SummaryWriter
@@ -318,8 +373,10 @@ def _fit(
         writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step + 1 if step else None)
         console.info(f"run folder: {run_dir}")
         console.info(f"tensorboard --logdir {run_dir / 'tensorboard'}")
-        console.info(f"{profile.model.family} on {dev}, {world} process(es), batch {cfg.batch_size}, "
-                     f"{steps_per_epoch} steps/epoch, amp {_amp_name(dtype)}, {'compiled' if compiled else 'eager'}")
+        console.info(
+            f"{profile.model.family} on {dev}, {world} process(es), batch {cfg.batch_size}, "
+            f"{steps_per_epoch} steps/epoch, amp {_amp_name(dtype)}, {'compiled' if compiled else 'eager'}"
+        )
     if state is None:
         save("last.pt")
     val: dict[str, float] = {}
@@ -328,8 +385,14 @@ def _fit(
             epoch += 1
             train_set.set_epoch(epoch)
             order = epoch_order(cfg.seed, epoch, steps_per_epoch, world, rank)
-            loader = DataLoader(train_set, batch_size=None, sampler=order, num_workers=cfg.num_workers,
-                                pin_memory=dev.type == "cuda", generator=torch.Generator().manual_seed(epoch))
+            loader = DataLoader(
+                train_set,
+                batch_size=None,
+                sampler=order,
+                num_workers=cfg.num_workers,
+                pin_memory=dev.type == "cuda",
+                generator=torch.Generator().manual_seed(epoch),
+            )
             sums: dict[str, Tensor] = {}
             norms = []
             wait, start = 0.0, time.perf_counter()
@@ -341,12 +404,23 @@ def _fit(
                     batch = next(batches)
                     wait += time.perf_counter() - t
                     try:
-                        terms, loss, norm = train_step(objective, optimizer, scaler, batch, epoch=epoch, device=dev,
-                                                       dtype=dtype, grad_clip=cfg.grad_clip,
-                                                       corrupted=corruption is not None, world=world)
+                        terms, loss, norm = train_step(
+                            objective,
+                            optimizer,
+                            scaler,
+                            batch,
+                            epoch=epoch,
+                            device=dev,
+                            dtype=dtype,
+                            grad_clip=cfg.grad_clip,
+                            corrupted=corruption is not None,
+                            world=world,
+                        )
                     except FloatingPointError as e:
-                        raise DefectaeError(f"epoch {epoch} step {step + 1} (batch {i + 1}/{steps_per_epoch}): loss is "
-                                            f"{e.args[0]}; stopped, {run_dir / 'last.pt'} keeps epoch {epoch - 1}") from None
+                        raise DefectaeError(
+                            f"epoch {epoch} step {step + 1} (batch {i + 1}/{steps_per_epoch}): loss is "
+                            f"{e.args[0]}; stopped, {run_dir / 'last.pt'} keeps epoch {epoch - 1}"
+                        ) from None
                     step += 1
                     scheduler.step()
                     for key, value in terms.items():
@@ -354,61 +428,99 @@ def _fit(
                     norms.append(norm)
                     if writer is not None:
                         writer.add_scalar("step/loss", loss, step)
-                    bar.update(task, advance=1, description=f"epoch {epoch}/{cfg.epochs} loss {loss:.4f}")
+                    bar.update(
+                        task, advance=1, description=f"epoch {epoch}/{cfg.epochs} loss {loss:.4f}"
+                    )
             del batches
             seconds = time.perf_counter() - start
             train = _mean_over_ranks(sums, steps_per_epoch, world)
-            val_loader = DataLoader(val_set, batch_size=None, sampler=range(rank, len(val_set), world),
-                                    num_workers=cfg.num_workers, pin_memory=dev.type == "cuda")
+            val_loader = DataLoader(
+                val_set,
+                batch_size=None,
+                sampler=range(rank, len(val_set), world),
+                num_workers=cfg.num_workers,
+                pin_memory=dev.type == "cuda",
+            )
             val = validate(model, val_loader, profile.loss, epoch, dev, dtype, world)
             if not all(math.isfinite(v) for v in val.values()):
-                raise DefectaeError(f"epoch {epoch} step {step}: validation loss is {val['total']}; stopped, "
-                                    f"{run_dir / 'last.pt'} keeps epoch {epoch - 1}")
+                raise DefectaeError(
+                    f"epoch {epoch} step {step}: validation loss is {val['total']}; stopped, "
+                    f"{run_dir / 'last.pt'} keeps epoch {epoch - 1}"
+                )
             improved = val["total"] < best_val - cfg.min_delta
             best_val, best_epoch = (val["total"], epoch) if improved else (best_val, best_epoch)
             bad_epochs = 0 if improved else bad_epochs + 1
             stopped = cfg.patience > 0 and bad_epochs >= cfg.patience
             norm_t = torch.stack(norms)
-            record = {"epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"],
-                      **{f"train_{k}": v for k, v in train.items()}, **{f"val_{k}": v for k, v in val.items()},
-                      "grad_norm": norm_t.mean().item(), "grad_norm_max": norm_t.max().item(),
-                      "seconds": seconds, "patches_per_s": steps_per_epoch * cfg.batch_size / seconds,
-                      "data_wait_fraction": wait / seconds}
+            record = {
+                "epoch": epoch,
+                "step": step,
+                "lr": optimizer.param_groups[0]["lr"],
+                **{f"train_{k}": v for k, v in train.items()},
+                **{f"val_{k}": v for k, v in val.items()},
+                "grad_norm": norm_t.mean().item(),
+                "grad_norm_max": norm_t.max().item(),
+                "seconds": seconds,
+                "patches_per_s": steps_per_epoch * cfg.batch_size / seconds,
+                "data_wait_fraction": wait / seconds,
+            }
             if main:
                 metrics.append(record)
-                write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+                write_text_atomic(
+                    run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics)
+                )
                 _log_epoch(writer, record, model, log_images.to(dev), dtype, cfg, epoch, step)
-                console.info(f"epoch {epoch}/{cfg.epochs}  train {train['total']:.5f}  val {val['total']:.5f}  "
-                             f"ssim {val['ssim']:.4f}  lr {record['lr']:.2e}  {record['patches_per_s']:.0f} patches/s"
-                             + ("  best" if improved else ""))
+                console.info(
+                    f"epoch {epoch}/{cfg.epochs}  train {train['total']:.5f}  val {val['total']:.5f}  "
+                    f"ssim {val['ssim']:.4f}  lr {record['lr']:.2e}  {record['patches_per_s']:.0f} patches/s"
+                    + ("  best" if improved else "")
+                )
             if improved:
                 save("best.pt")
             save("last.pt")
     except KeyboardInterrupt:
         if main:
-            console.warn(f"interrupted in epoch {epoch}; {run_dir / 'last.pt'} holds the last completed epoch; "
-                         f"continue with `defectae train --resume {run_dir}`")
+            console.warn(
+                f"interrupted in epoch {epoch}; {run_dir / 'last.pt'} holds the last completed epoch; "
+                f"continue with `defectae train --resume {run_dir}`"
+            )
         raise
     finally:
         if writer is not None:
             writer.close()
     if stopped and main:
-        console.info(f"early stop after epoch {epoch}: no improvement > {cfg.min_delta} for {cfg.patience} epochs")
+        console.info(
+            f"early stop after epoch {epoch}: no improvement > {cfg.min_delta} for {cfg.patience} epochs"
+        )
     if main:
         table = Table(title=f"train {profile.name}", show_header=False)
-        for key, value in (("run folder", run_dir), ("epochs", epoch), ("steps", step),
-                           ("best epoch", best_epoch), ("best validation loss", f"{best_val:.6g}"),
-                           ("stopped early", "yes" if stopped else "no")):
+        for key, value in (
+            ("run folder", run_dir),
+            ("epochs", epoch),
+            ("steps", step),
+            ("best epoch", best_epoch),
+            ("best validation loss", f"{best_val:.6g}"),
+            ("stopped early", "yes" if stopped else "no"),
+        ):
             table.add_row(key, str(value))
         console.show(table)
     if world > 1:
         dist.barrier()
     return {
-        "run_dir": str(run_dir), "tensorboard": f"tensorboard --logdir {run_dir / 'tensorboard'}",
-        "epochs": epoch, "best_epoch": best_epoch, "best_val": best_val, "stopped_early": stopped,
-        "steps": step, "batch_size": cfg.batch_size, "device": str(dev), "world_size": world,
-        "amp": _amp_name(dtype), "compiled": compiled,
-        "val": val, "patches_per_s": metrics[-1]["patches_per_s"] if metrics else None,
+        "run_dir": str(run_dir),
+        "tensorboard": f"tensorboard --logdir {run_dir / 'tensorboard'}",
+        "epochs": epoch,
+        "best_epoch": best_epoch,
+        "best_val": best_val,
+        "stopped_early": stopped,
+        "steps": step,
+        "batch_size": cfg.batch_size,
+        "device": str(dev),
+        "world_size": world,
+        "amp": _amp_name(dtype),
+        "compiled": compiled,
+        "val": val,
+        "patches_per_s": metrics[-1]["patches_per_s"] if metrics else None,
     }
 
 
@@ -434,13 +546,17 @@ def _resume_state(run_dir: Path, profile: Profile | None) -> tuple[dict[str, Any
     path = run_dir / "last.pt"
     state = load_checkpoint(path)
     if "rng" not in state or "optimizer" not in state:
-        raise DefectaeError(f"{path}: not a training checkpoint of `defectae train` (no optimizer state)")
+        raise DefectaeError(
+            f"{path}: not a training checkpoint of `defectae train` (no optimizer state)"
+        )
     saved = profile_of(state, path)
     if profile is not None:
         check_profile(saved, profile, path, keys=("name",))
         if changed := _changed_keys(profiles.to_dict(saved), profiles.to_dict(profile)):
-            console.warn(f"--profile differs from the run's profile in {', '.join(changed)}; "
-                         f"resuming with the run's own profile ({run_dir / 'profile.toml'})")
+            console.warn(
+                f"--profile differs from the run's profile in {', '.join(changed)}; "
+                f"resuming with the run's own profile ({run_dir / 'profile.toml'})"
+            )
     return state, saved
 
 
@@ -458,13 +574,19 @@ def _changed_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> lis
 def _check_patches(path: Path, profile: Profile) -> int:
     """Number of training patches, after checking the file fits the profile."""
     if not path.is_file():
-        raise DefectaeError(f"{path}: patch file not found; run `defectae augment --profile {profile.name}` first")
+        raise DefectaeError(
+            f"{path}: patch file not found; run `defectae augment --profile {profile.name}` first"
+        )
     ds = PatchDataset(path, "train", 1)
     if ds.patch_size != profile.model.input_size:
-        raise DefectaeError(f"{path}: patches are {ds.patch_size} px, model.input_size is {profile.model.input_size}")
+        raise DefectaeError(
+            f"{path}: patches are {ds.patch_size} px, model.input_size is {profile.model.input_size}"
+        )
     if ds.channels != profile.dataset.channels:
-        raise DefectaeError(f"{path}: patches have {ds.channels} channel(s), dataset.color "
-                            f"'{profile.dataset.color}' needs {profile.dataset.channels}")
+        raise DefectaeError(
+            f"{path}: patches have {ds.channels} channel(s), dataset.color "
+            f"'{profile.dataset.color}' needs {profile.dataset.channels}"
+        )
     return ds.num_patches
 
 
@@ -497,7 +619,11 @@ def _read_metrics(path: Path, upto: int) -> list[dict[str, Any]]:
     """Earlier metrics of a resumed run, without the epochs it is about to redo."""
     if not path.is_file():
         return []
-    return [m for m in (json.loads(line) for line in path.read_text().splitlines() if line) if m["epoch"] <= upto]
+    return [
+        m
+        for m in (json.loads(line) for line in path.read_text().splitlines() if line)
+        if m["epoch"] <= upto
+    ]
 
 
 def _compile(model: nn.Module, enabled: bool, example: Tensor) -> nn.Module:
@@ -521,8 +647,16 @@ def _mean_over_ranks(sums: dict[str, Tensor], steps: int, world: int) -> dict[st
 
 
 @torch.no_grad()
-def _log_epoch(writer: Any, record: dict[str, Any], model: nn.Module, images: Tensor,
-               dtype: torch.dtype | None, cfg: TrainConfig, epoch: int, step: int) -> None:
+def _log_epoch(
+    writer: Any,
+    record: dict[str, Any],
+    model: nn.Module,
+    images: Tensor,
+    dtype: torch.dtype | None,
+    cfg: TrainConfig,
+    epoch: int,
+    step: int,
+) -> None:
     """Epoch scalars, input|reconstruction grids every log_images_every epochs, optional histograms."""
     from torchvision.utils import make_grid
 
@@ -539,8 +673,12 @@ def _log_epoch(writer: Any, record: dict[str, Any], model: nn.Module, images: Te
         with devices.autocast(images.device, dtype):
             recon = model(images)["recon"].float().clamp(0, 1)
         model.train()
-        grid = make_grid(torch.cat([images, recon]).cpu(), nrow=images.shape[0], padding=2, pad_value=1.0)
-        writer.add_image("val/reconstructions", grid, step)  # top row input, bottom row reconstruction
+        grid = make_grid(
+            torch.cat([images, recon]).cpu(), nrow=images.shape[0], padding=2, pad_value=1.0
+        )
+        writer.add_image(
+            "val/reconstructions", grid, step
+        )  # top row input, bottom row reconstruction
     if cfg.histograms:
         for name, param in devices.unwrap(model).named_parameters():
             writer.add_histogram(f"weights/{name}", param.detach().float().cpu(), step)
@@ -565,8 +703,12 @@ def _rng_state(dev: torch.device) -> dict[str, Any]:
     _, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
         "python": random.getstate(),
     }
     if dev.type == "cuda":
@@ -577,7 +719,9 @@ def _rng_state(dev: torch.device) -> dict[str, Any]:
 def _set_rng_state(state: dict[str, Any], dev: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
     random.setstate(state["python"])
     if dev.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], dev)
@@ -605,20 +749,27 @@ def largest_batch(fits: Callable[[int], bool], cap: int) -> int:
     return good
 
 
-def _find_batch_size(profile: Profile, dev: torch.device, dtype: torch.dtype | None,
-                     num_train: int, world: int) -> dict[str, Any]:
+def _find_batch_size(
+    profile: Profile, dev: torch.device, dtype: torch.dtype | None, num_train: int, world: int
+) -> dict[str, Any]:
     """Search the largest batch that trains on `dev` (a copy of the model, real steps)."""
     if world > 1:
         raise DefectaeError("--find-batch-size: run it in a single process (without torchrun)")
     cfg, size, channels = profile.train, profile.model.input_size, profile.dataset.channels
     model = build_model(profile.model.family, channels, size, profile.model.args).to(dev)
     objective = Objective(model, profile.loss)
-    optimizer, scaler = make_optimizer(model, cfg), torch.amp.GradScaler(dev.type, enabled=devices.needs_grad_scaler(dtype))
+    optimizer, scaler = (
+        make_optimizer(model, cfg),
+        torch.amp.GradScaler(dev.type, enabled=devices.needs_grad_scaler(dtype)),
+    )
     cap, why = min(cfg.find_batch_max, num_train), "train.find_batch_max / training patches"
     if dev.type == "cpu" and (ram := _free_ram()) is not None:
         per_patch = 2 * _saved_bytes_per_patch(objective, channels, size, dtype)
         if ram // 2 // per_patch < cap:
-            cap, why = max(1, ram // 2 // per_patch), f"half the free RAM at ~{per_patch / 2**20:.1f} MiB/patch"
+            cap, why = (
+                max(1, ram // 2 // per_patch),
+                f"half the free RAM at ~{per_patch / 2**20:.1f} MiB/patch",
+            )
 
     def fits(b: int) -> bool:
         x = torch.rand(b, channels, size, size, device=dev)
@@ -627,7 +778,10 @@ def _find_batch_size(profile: Profile, dev: torch.device, dtype: torch.dtype | N
         try:
             train_step(objective, optimizer, scaler, batch, epoch=1, device=dev, dtype=dtype)
         except RuntimeError as e:  # torch.OutOfMemoryError is a RuntimeError
-            if "out of memory" not in str(e).lower() and "can't allocate memory" not in str(e).lower():
+            if (
+                "out of memory" not in str(e).lower()
+                and "can't allocate memory" not in str(e).lower()
+            ):
                 raise
             failed = True
         model.zero_grad(set_to_none=True)
@@ -637,9 +791,16 @@ def _find_batch_size(profile: Profile, dev: torch.device, dtype: torch.dtype | N
         return not failed
 
     found = largest_batch(fits, cap)
-    console.info(f"largest batch that trains {profile.model.family} on {dev}: {found} (searched up to {cap}: {why})")
-    return {"batch_size": found, "cap": cap, "cap_reason": why, "device": str(dev),
-            "amp": _amp_name(dtype)}
+    console.info(
+        f"largest batch that trains {profile.model.family} on {dev}: {found} (searched up to {cap}: {why})"
+    )
+    return {
+        "batch_size": found,
+        "cap": cap,
+        "cap_reason": why,
+        "device": str(dev),
+        "amp": _amp_name(dtype),
+    }
 
 
 def _free_ram() -> int | None:
@@ -649,7 +810,9 @@ def _free_ram() -> int | None:
         return None
 
 
-def _saved_bytes_per_patch(objective: nn.Module, channels: int, size: int, dtype: torch.dtype | None) -> int:
+def _saved_bytes_per_patch(
+    objective: nn.Module, channels: int, size: int, dtype: torch.dtype | None
+) -> int:
     """Bytes autograd keeps for backward per patch (measured on a batch of 2)."""
     total = 0
 
@@ -659,7 +822,10 @@ def _saved_bytes_per_patch(objective: nn.Module, channels: int, size: int, dtype
         return t
 
     x = torch.rand(2, channels, size, size)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), devices.autocast(x.device, dtype):
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        devices.autocast(x.device, dtype),
+    ):
         objective(x, x, None, 0)["total"]
     return max(1, total // 2 + 2 * x[0].numel() * 4)
 
@@ -708,11 +874,18 @@ def train_throughput(
         wait += time.perf_counter() - t
     sync()
     seconds = time.perf_counter() - start
-    peak = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"patches_per_s": patches / seconds, "data_wait_fraction": wait / seconds,
-            "peak_memory_mb": peak / 2**20, "compiled": model is not devices.unwrap(model),
-            "amp": _amp_name(dtype)}
+    peak = (
+        torch.cuda.max_memory_allocated(dev)
+        if dev.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
+    return {
+        "patches_per_s": patches / seconds,
+        "data_wait_fraction": wait / seconds,
+        "peak_memory_mb": peak / 2**20,
+        "compiled": model is not devices.unwrap(model),
+        "amp": _amp_name(dtype),
+    }
 
 
 def _cycle(data: Tensor | Iterable[dict[str, Tensor]]) -> Iterator[dict[str, Tensor]]:

@@ -50,7 +50,11 @@ def new_run_dir(profile: Profile) -> Path:
 def latest_run(profile: Profile) -> Path:
     """The newest run folder of a profile holding a checkpoint."""
     root = runs_root(profile)
-    runs = sorted(p for p in root.glob("*") if (p / "last.pt").is_file() or (p / "best.pt").is_file())
+    runs = sorted(
+        p for p in root.glob("*") if (p / "last.pt").is_file() or (p / "best.pt").is_file()
+    )
     if not runs:
-        raise DefectaeError(f"{root}: no training run with a checkpoint; run `defectae train --profile {profile.name}` first")
+        raise DefectaeError(
+            f"{root}: no training run with a checkpoint; run `defectae train --profile {profile.name}` first"
+        )
     return runs[-1]

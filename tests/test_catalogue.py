@@ -19,8 +19,24 @@ def test_flops_of_a_single_conv_match_the_hand_count() -> None:
 
 def test_every_family_is_registered() -> None:
     get_family("ae")
-    expected = {"ae", "aee", "dae", "daee", "vae1", "vae2", "vae3", "vae4", "vae5", "vae6", "vae8",
-                "specvae", "cnnae", "resnetae", "vitae", "diffae"}
+    expected = {
+        "ae",
+        "aee",
+        "dae",
+        "daee",
+        "vae1",
+        "vae2",
+        "vae3",
+        "vae4",
+        "vae5",
+        "vae6",
+        "vae8",
+        "specvae",
+        "cnnae",
+        "resnetae",
+        "vitae",
+        "diffae",
+    }
     assert expected <= set(FAMILIES)
 
 

@@ -27,8 +27,13 @@ def test_ssim_term_matches_skimage(window: int) -> None:
     ours = ssim_loss(x[:1], y[:1], window).item()
     sigma = 1.5
     reference = structural_similarity(
-        x[0, 0].double().numpy(), y[0, 0].double().numpy(), data_range=1.0, gaussian_weights=True,
-        sigma=sigma, use_sample_covariance=False, truncate=((window - 1) / 2) / sigma,
+        x[0, 0].double().numpy(),
+        y[0, 0].double().numpy(),
+        data_range=1.0,
+        gaussian_weights=True,
+        sigma=sigma,
+        use_sample_covariance=False,
+        truncate=((window - 1) / 2) / sigma,
     )
     assert ours == pytest.approx(1 - reference, abs=1e-3)
 
@@ -46,7 +51,12 @@ def test_every_recon_loss_is_zero_on_identical_and_positive_otherwise(kind: str)
 def test_kl_sparse_and_ssim_terms() -> None:
     x, y = _pair()
     cfg = LossConfig(recon="mse", kld_weight=0.5, beta=2.0, sparse_weight=0.1)
-    zero = {"recon": x, "mu": torch.zeros(2, 8), "logvar": torch.zeros(2, 8), "z": torch.zeros(2, 8)}
+    zero = {
+        "recon": x,
+        "mu": torch.zeros(2, 8),
+        "logvar": torch.zeros(2, 8),
+        "z": torch.zeros(2, 8),
+    }
     terms = compute_losses(zero, x, cfg)
     assert set(terms) == {"recon", "kl", "ssim", "sparse", "total"}
     assert all(v.item() == pytest.approx(0.0, abs=1e-5) for v in terms.values())
@@ -75,7 +85,10 @@ def test_corruption_weight_emphasises_the_corrupted_area(kind: str) -> None:
     weighted = compute_losses({"recon": recon}, x, heavy, corruption_mask=mask)["recon"].item()
     assert weighted > 1.1 * base
     if kind == "mse":  # 64 of 1024 pixels off by 0.4, weighted 10x: 0.16*640 / (960 + 640)
-        assert (base, weighted) == (pytest.approx(0.16 * 64 / 1024), pytest.approx(0.16 * 640 / 1600))
+        assert (base, weighted) == (
+            pytest.approx(0.16 * 64 / 1024),
+            pytest.approx(0.16 * 640 / 1600),
+        )
 
 
 def test_msssim_adapts_window_and_rejects_tiny_patches() -> None:
@@ -100,7 +113,9 @@ def test_losses_run_in_float32_under_bf16_inputs() -> None:
 @pytest.mark.parametrize("kind", ["ssim", "msssim", "mse"])
 def test_losses_ignore_autocast(kind: str) -> None:
     g = torch.Generator().manual_seed(1)
-    x = 0.1 + 0.02 * torch.rand(2, 1, 96, 96, generator=g)  # dark, low-contrast: bf16 breaks SSIM here
+    x = 0.1 + 0.02 * torch.rand(
+        2, 1, 96, 96, generator=g
+    )  # dark, low-contrast: bf16 breaks SSIM here
     y = (x + 0.01 * torch.randn(x.shape, generator=g)).clamp(0, 1)
     cfg = LossConfig(recon=kind)  # type: ignore[arg-type]
     plain = compute_losses({"recon": y}, x, cfg)["total"]

@@ -12,11 +12,22 @@ import h5py
 import pytest
 
 SETS = [
-    "dataset.synthetic.size=64", "dataset.image_size=[64, 64]", "dataset.synthetic.n_train=12",
-    "dataset.synthetic.n_test_good=3", "dataset.synthetic.n_test_defect=5", "dataset.val_fraction=0.25",
-    "model.input_size=32", "model.args.latent_dim=16", "augment.n_patches=256", "augment.n_val_patches=32",
-    "train.epochs=2", "train.batch_size=32", "train.compile=false", "train.num_workers=0",
-    "tile.stride=16", "tile.batch_size=16",
+    "dataset.synthetic.size=64",
+    "dataset.image_size=[64, 64]",
+    "dataset.synthetic.n_train=12",
+    "dataset.synthetic.n_test_good=3",
+    "dataset.synthetic.n_test_defect=5",
+    "dataset.val_fraction=0.25",
+    "model.input_size=32",
+    "model.args.latent_dim=16",
+    "augment.n_patches=256",
+    "augment.n_val_patches=32",
+    "train.epochs=2",
+    "train.batch_size=32",
+    "train.compile=false",
+    "train.num_workers=0",
+    "tile.stride=16",
+    "tile.batch_size=16",
 ]
 
 

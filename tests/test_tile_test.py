@@ -23,8 +23,15 @@ from defectae.errors import DefectaeError
 from defectae.inspector import Inspector
 from defectae.models import build_model
 
-SETS = ["model.input_size=32", "model.args.latent_dim=8", "dataset.image_size=[48, 48]", "tile.stride=12",
-        "tile.batch_size=18", "tile.amp=off", "tile.device=cpu"]
+SETS = [
+    "model.input_size=32",
+    "model.args.latent_dim=8",
+    "dataset.image_size=[48, 48]",
+    "tile.stride=12",
+    "tile.batch_size=18",
+    "tile.amp=off",
+    "tile.device=cpu",
+]
 TYPES = ["good", "good", "scratch", "hole", "scratch"]
 
 
@@ -32,13 +39,19 @@ def _profile(*extra: str) -> profiles.Profile:
     return profiles.resolve("synthetic-ae", sets=SETS + list(extra))
 
 
-def _split(rng: np.random.Generator, n: int, channels: int, size: int, types: list[str]) -> PreparedSplit:
+def _split(
+    rng: np.random.Generator, n: int, channels: int, size: int, types: list[str]
+) -> PreparedSplit:
     masks = np.zeros((n, 1, size, size), np.uint8)
     labels = np.array([t != "good" for t in types], np.uint8)
     masks[labels == 1, :, 10:20, 10:20] = 1
     return PreparedSplit(
-        images=rng.integers(0, 256, (n, channels, size, size), dtype=np.uint8), masks=masks, labels=labels,
-        defect_types=types, names=[f"{i:03d}" for i in range(n)], files=[f"{t}/{i:03d}.png" for i, t in enumerate(types)],
+        images=rng.integers(0, 256, (n, channels, size, size), dtype=np.uint8),
+        masks=masks,
+        labels=labels,
+        defect_types=types,
+        names=[f"{i:03d}" for i in range(n)],
+        files=[f"{t}/{i:03d}.png" for i, t in enumerate(types)],
         orig_sizes=np.array([[60 + i, 50] for i in range(n)], np.int32),
     )
 
@@ -50,16 +63,34 @@ def _prepared(path: Path, channels: int = 1, size: int = 48) -> Path:
         "validation": _split(rng, 3, channels, size, ["good"] * 3),
         "test": _split(rng, len(TYPES), channels, size, TYPES),
     }
-    attrs = {"layout": "synthetic", "source": "test", "category": "woven", "image_size": [size, size],
-             "color": "gray" if channels == 1 else "rgb", "channels": channels, "dataset": {"name": "synthetic"}}
+    attrs = {
+        "layout": "synthetic",
+        "source": "test",
+        "category": "woven",
+        "image_size": [size, size],
+        "color": "gray" if channels == 1 else "rgb",
+        "channels": channels,
+        "dataset": {"name": "synthetic"},
+    }
     return write_prepared(path, splits, attrs)
 
 
 def _checkpoint(run_dir: Path, profile: profiles.Profile) -> Path:
     torch.manual_seed(0)
     model = build_model("ae", 1, profile.model.input_size, profile.model.args)
-    state = {"model": model.state_dict(), "optimizer": {}, "scheduler": {}, "scaler": {}, "epoch": 1, "step": 1,
-             "rng": {}, "profile": profiles.to_dict(profile), "family": "ae", "in_channels": 1, "best_val": 0.0}
+    state = {
+        "model": model.state_dict(),
+        "optimizer": {},
+        "scheduler": {},
+        "scaler": {},
+        "epoch": 1,
+        "step": 1,
+        "rng": {},
+        "profile": profiles.to_dict(profile),
+        "family": "ae",
+        "in_channels": 1,
+        "best_val": 0.0,
+    }
     run_dir.mkdir(parents=True)
     save_checkpoint(state, run_dir / "best.pt")
     return run_dir
@@ -78,7 +109,11 @@ def test_tile_test_writes_the_residuals_contract(setup, tmp_path):
     maps = tmp_path / "maps"
     summary = tile_test.run(profile, None, None, None, maps)
     out = run_dir / "residuals.h5"
-    assert summary["residuals"] == str(out) and summary["images"] == 8 and summary["export_maps"] == str(maps)
+    assert (
+        summary["residuals"] == str(out)
+        and summary["images"] == 8
+        and summary["export_maps"] == str(maps)
+    )
     assert 0 < summary["model_share"] <= 1 and summary["images_per_s"] > 0
     assert (run_dir / "profile.toml").is_file()
 
@@ -86,9 +121,16 @@ def test_tile_test_writes_the_residuals_contract(setup, tmp_path):
     inspector = Inspector(model, 32, 12, profile.tile, False, 18)
     with h5py.File(out, "r") as f:
         assert f.attrs["format"] == "defectae-residuals" and f.attrs["format_version"] == 1
-        assert f.attrs["checkpoint"] == str(run_dir / "best.pt") and len(f.attrs["checkpoint_sha256"]) == 64
+        assert (
+            f.attrs["checkpoint"] == str(run_dir / "best.pt")
+            and len(f.attrs["checkpoint_sha256"]) == 64
+        )
         assert f.attrs["prepared"] == str(prepared) and len(f.attrs["prepared_sha256"]) == 64
-        assert (f.attrs["dataset"], f.attrs["category"], f.attrs["profile"]) == ("synthetic", "woven", profile.name)
+        assert (f.attrs["dataset"], f.attrs["category"], f.attrs["profile"]) == (
+            "synthetic",
+            "woven",
+            profile.name,
+        )
         assert json.loads(f.attrs["tile"])["stride"] == 12 and f.attrs["version"]
         for split, n in (("test", 5), ("validation", 3)):
             g = f[split]
@@ -109,8 +151,13 @@ def test_tile_test_writes_the_residuals_contract(setup, tmp_path):
             assert np.all(g["scores"][()] > 0)
 
     tiffs = sorted(p.relative_to(maps).as_posix() for p in maps.rglob("*.tiff"))
-    assert tiffs == ["woven/test/good/000.tiff", "woven/test/good/001.tiff", "woven/test/hole/003.tiff",
-                     "woven/test/scratch/002.tiff", "woven/test/scratch/004.tiff"]
+    assert tiffs == [
+        "woven/test/good/000.tiff",
+        "woven/test/good/001.tiff",
+        "woven/test/hole/003.tiff",
+        "woven/test/scratch/002.tiff",
+        "woven/test/scratch/004.tiff",
+    ]
     first = tifffile.imread(maps / "woven/test/good/000.tiff")
     assert first.dtype == np.float32 and first.shape == (60, 50)
     assert tifffile.imread(maps / "woven/test/scratch/004.tiff").shape == (64, 50)
@@ -119,7 +166,12 @@ def test_tile_test_writes_the_residuals_contract(setup, tmp_path):
 
 def test_profile_tile_settings_override_the_checkpoint(setup, tmp_path):
     _, prepared, run_dir = setup
-    override = _profile("tile.score=topk", "tile.topk_percent=5", "tile.save_reconstructions=false", "tile.stride=16")
+    override = _profile(
+        "tile.score=topk",
+        "tile.topk_percent=5",
+        "tile.save_reconstructions=false",
+        "tile.stride=16",
+    )
     out = tmp_path / "elsewhere" / "residuals.h5"
     tile_test.run(override, run_dir, prepared, out, None)
     with h5py.File(out, "r") as f:
@@ -145,7 +197,9 @@ def test_bad_inputs(setup, tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DefectaeError, match="no best.pt or last.pt"):
         tile_test.run(None, tmp_path / "empty", prepared, None, None)
-    with pytest.raises(DefectaeError, match="checkpoint has model.input_size = 32, the profile expects 64"):
+    with pytest.raises(
+        DefectaeError, match="checkpoint has model.input_size = 32, the profile expects 64"
+    ):
         tile_test.run(_profile("model.input_size=64"), None, None, None, None)
     with pytest.raises(DefectaeError, match="prepared file not found"):
         tile_test.run(None, run_dir, tmp_path / "missing.h5", None, None)
@@ -162,11 +216,33 @@ def test_bad_inputs(setup, tmp_path, monkeypatch):
 def test_cli_json_summary_and_exit_code(setup, monkeypatch):
     _, prepared, run_dir = setup
     monkeypatch.setattr(console, "mode", console.OutputMode())  # the CLI callback mutates it
-    ok = CliRunner().invoke(app, ["--json", "tile-test", "--run", str(run_dir), "--prepared", str(prepared)])
+    ok = CliRunner().invoke(
+        app, ["--json", "tile-test", "--run", str(run_dir), "--prepared", str(prepared)]
+    )
     assert ok.exit_code == 0, ok.output
     summary = json.loads(ok.stdout)
-    assert set(summary) == {"residuals", "images", "seconds", "images_per_s", "model_share", "export_maps"}
+    assert set(summary) == {
+        "residuals",
+        "images",
+        "seconds",
+        "images_per_s",
+        "model_share",
+        "export_maps",
+    }
     assert summary["images"] == 8 and summary["export_maps"] is None
-    bad = subprocess.run([sys.executable, "-m", "defectae", "tile-test", "--run", str(run_dir), "--prepared",
-                          str(run_dir / "missing.h5")], capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "defectae",
+            "tile-test",
+            "--run",
+            str(run_dir),
+            "--prepared",
+            str(run_dir / "missing.h5"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "prepared file not found" in bad.stderr and bad.stdout == ""

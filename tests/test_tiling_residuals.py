@@ -21,8 +21,15 @@ from defectae.residuals import image_scores, residual_map
 from defectae.tiling import extract_patches, fuse_patches, tile_origins
 
 # (H, W, size, stride): exact grids, (H - size) % stride != 0 borders, size == side, stride == size
-GRIDS = [(32, 32, 8, 8), (37, 45, 16, 5), (50, 33, 33, 7), (20, 20, 20, 3), (64, 40, 16, 16), (33, 61, 10, 10),
-         (70, 70, 32, 12)]
+GRIDS = [
+    (32, 32, 8, 8),
+    (37, 45, 16, 5),
+    (50, 33, 33, 7),
+    (20, 20, 20, 3),
+    (64, 40, 16, 16),
+    (33, 61, 10, 10),
+    (70, 70, 32, 12),
+]
 
 
 class Identity(nn.Module):
@@ -33,7 +40,9 @@ class Identity(nn.Module):
 class TinyAE(nn.Module):
     def __init__(self, channels: int = 1) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(channels, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, channels, 3, padding=1))
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, channels, 3, padding=1)
+        )
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"recon": torch.sigmoid(self.net(x))}
@@ -46,7 +55,10 @@ def cfg(**changes) -> TileConfig:
 # ----------------------------------------------------------------------------- tiling
 
 
-@pytest.mark.parametrize("length,size,stride", [(10, 4, 3), (10, 4, 2), (7, 7, 1), (100, 32, 32), (129, 128, 32), (5, 1, 1)])
+@pytest.mark.parametrize(
+    "length,size,stride",
+    [(10, 4, 3), (10, 4, 2), (7, 7, 1), (100, 32, 32), (129, 128, 32), (5, 1, 1)],
+)
 def test_tile_origins_cover_everything(length, size, stride):
     origins = tile_origins(length, size, stride)
     covered = np.zeros(length, bool)
@@ -64,15 +76,19 @@ def test_tile_origins_hand_cases():
     assert tile_origins(512, 128, 32) == list(range(0, 385, 32))
 
 
-@pytest.mark.parametrize("length,size,stride,key", [(10, 11, 1, "model.input_size 11"), (10, 4, 5, "tile.stride 5"),
-                                                    (10, 4, 0, "tile.stride 0")])
+@pytest.mark.parametrize(
+    "length,size,stride,key",
+    [(10, 11, 1, "model.input_size 11"), (10, 4, 5, "tile.stride 5"), (10, 4, 0, "tile.stride 0")],
+)
 def test_tile_origins_rejects(length, size, stride, key):
     with pytest.raises(DefectaeError, match=key):
         tile_origins(length, size, stride)
 
 
 def test_patch_larger_than_the_image_is_a_user_error():
-    with pytest.raises(DefectaeError, match="model.input_size 12: the patch is larger than the image side 10"):
+    with pytest.raises(
+        DefectaeError, match="model.input_size 12: the patch is larger than the image side 10"
+    ):
         extract_patches(torch.rand(1, 1, 10, 20), 12, 4)
     with pytest.raises(DefectaeError, match="tile.stride 9"):
         fuse_patches(torch.rand(4, 1, 8, 8), (16, 16), 8, 9)
@@ -113,8 +129,15 @@ def test_ssim_residual_matches_skimage_gaussian():
     rng = np.random.default_rng(0)
     x = rng.random((40, 52)).astype(np.float32)
     y = np.clip(x + rng.normal(0, 0.1, x.shape), 0, 1).astype(np.float32)
-    _, s = structural_similarity(x, y, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
-                                 data_range=1.0, full=True)
+    _, s = structural_similarity(
+        x,
+        y,
+        gaussian_weights=True,
+        sigma=1.5,
+        use_sample_covariance=False,
+        data_range=1.0,
+        full=True,
+    )
     got = residual_map(torch.from_numpy(x)[None, None], torch.from_numpy(y)[None, None], cfg())
     assert got.shape == (1, 1, 40, 52) and got.dtype == torch.float32
     np.testing.assert_allclose(got[0, 0].numpy(), 1 - s, atol=1e-4)
@@ -124,8 +147,18 @@ def test_ssim_residual_matches_skimage_uniform_rgb():
     rng = np.random.default_rng(1)
     x = rng.random((3, 33, 30)).astype(np.float32)
     y = np.clip(x + rng.normal(0, 0.2, x.shape), 0, 1).astype(np.float32)
-    _, s = structural_similarity(x, y, win_size=7, gaussian_weights=False, use_sample_covariance=True,
-                                 data_range=1.0, channel_axis=0, full=True, K1=0.02, K2=0.05)
+    _, s = structural_similarity(
+        x,
+        y,
+        win_size=7,
+        gaussian_weights=False,
+        use_sample_covariance=True,
+        data_range=1.0,
+        channel_axis=0,
+        full=True,
+        K1=0.02,
+        K2=0.05,
+    )
     c = cfg(ssim_gaussian=False, ssim_window=7, ssim_k1=0.02, ssim_k2=0.05)
     got = residual_map(torch.from_numpy(x)[None], torch.from_numpy(y)[None], c)
     np.testing.assert_allclose(got[0, 0].numpy(), 1 - s.mean(0), atol=1e-4)
@@ -133,7 +166,10 @@ def test_ssim_residual_matches_skimage_uniform_rgb():
 
 def test_l1_l2_and_weighted_combination():
     rng = np.random.default_rng(2)
-    x, y = rng.random((2, 3, 16, 17)).astype(np.float32), rng.random((2, 3, 16, 17)).astype(np.float32)
+    x, y = (
+        rng.random((2, 3, 16, 17)).astype(np.float32),
+        rng.random((2, 3, 16, 17)).astype(np.float32),
+    )
     tx, ty = torch.from_numpy(x), torch.from_numpy(y)
     l1 = residual_map(tx, ty, cfg(residual={"l1": 1.0}))[:, 0].numpy()
     l2 = residual_map(tx, ty, cfg(residual={"l2": 1.0}))[:, 0].numpy()
@@ -155,8 +191,15 @@ def test_msssim_residual_is_the_documented_multiscale_map():
     y = np.clip(x + rng.normal(0, 0.1, x.shape), 0, 1)
     maps, a, b = [], x, y
     for _ in range(3):
-        _, s = structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
-                                     data_range=1.0, full=True)
+        _, s = structural_similarity(
+            a,
+            b,
+            gaussian_weights=True,
+            sigma=1.5,
+            use_sample_covariance=False,
+            data_range=1.0,
+            full=True,
+        )
         maps.append(resize(s, x.shape, order=1, mode="edge", anti_aliasing=False))
         a, b = _avg_pool(a), _avg_pool(b)
     expected = 1 - np.mean(maps, 0)
@@ -168,14 +211,26 @@ def test_msssim_residual_is_the_documented_multiscale_map():
 
 def test_smoothing_matches_scipy():
     rng = np.random.default_rng(4)
-    x, y = rng.random((1, 1, 40, 37)).astype(np.float32), rng.random((1, 1, 40, 37)).astype(np.float32)
-    got = residual_map(torch.from_numpy(x), torch.from_numpy(y), cfg(residual={"l1": 1.0}, smooth_sigma=2.5))
+    x, y = (
+        rng.random((1, 1, 40, 37)).astype(np.float32),
+        rng.random((1, 1, 40, 37)).astype(np.float32),
+    )
+    got = residual_map(
+        torch.from_numpy(x), torch.from_numpy(y), cfg(residual={"l1": 1.0}, smooth_sigma=2.5)
+    )
     expected = gaussian_filter(np.abs(x - y)[0, 0].astype(np.float64), sigma=2.5, mode="reflect")
     np.testing.assert_allclose(got[0, 0].numpy(), expected, atol=1e-4)
 
 
-@pytest.mark.parametrize("residual,key", [({"ssmi": 1.0}, "tile.residual.ssmi"), ({"l1": -1.0}, "tile.residual.l1"),
-                                          ({}, "tile.residual"), ({"l2": 0.0}, "tile.residual")])
+@pytest.mark.parametrize(
+    "residual,key",
+    [
+        ({"ssmi": 1.0}, "tile.residual.ssmi"),
+        ({"l1": -1.0}, "tile.residual.l1"),
+        ({}, "tile.residual"),
+        ({"l2": 0.0}, "tile.residual"),
+    ],
+)
 def test_bad_residual_settings(residual, key):
     x = torch.rand(1, 1, 16, 16)
     with pytest.raises(DefectaeError, match=key) as e:
@@ -191,7 +246,9 @@ def test_window_or_smoothing_larger_than_the_image():
         residual_map(x, x, cfg(residual={"l1": 1.0}, smooth_sigma=3.0))
 
 
-@pytest.mark.parametrize("score,pct", [("max", 1.0), ("topk", 1.0), ("topk", 10.0), ("topk", 0.001), ("topk", 100.0)])
+@pytest.mark.parametrize(
+    "score,pct", [("max", 1.0), ("topk", 1.0), ("topk", 10.0), ("topk", 0.001), ("topk", 100.0)]
+)
 def test_image_scores(score, pct):
     maps = torch.rand(3, 1, 20, 30)
     flat = maps.flatten(1).numpy()
@@ -200,7 +257,9 @@ def test_image_scores(score, pct):
     else:
         k = max(1, math.ceil(flat.shape[1] * pct / 100))
         expected = np.sort(flat, 1)[:, -k:].mean(1)
-    np.testing.assert_allclose(image_scores(maps, cfg(score=score, topk_percent=pct)).numpy(), expected, rtol=1e-6)
+    np.testing.assert_allclose(
+        image_scores(maps, cfg(score=score, topk_percent=pct)).numpy(), expected, rtol=1e-6
+    )
 
 
 # ----------------------------------------------------------------------------- inspector
@@ -243,8 +302,12 @@ def test_inspector_whole_image_resizes_in_and_out():
     x = torch.rand(2, 3, 32, 32)
     res, _, recon = Inspector(Recording(), 32, 999, cfg(residual={"l1": 1.0}), True, 8)(x)
     assert seen == [(2, 3, 32, 32)] and torch.equal(recon, x) and res.abs().max() == 0
-    res, _, recon = Inspector(Recording(), 16, 999, cfg(residual={"l1": 1.0}), True, 8)(torch.rand(2, 3, 40, 24))
-    assert seen[-1] == (2, 3, 16, 16) and recon.shape == (2, 3, 40, 24) and res.shape == (2, 1, 40, 24)
+    res, _, recon = Inspector(Recording(), 16, 999, cfg(residual={"l1": 1.0}), True, 8)(
+        torch.rand(2, 3, 40, 24)
+    )
+    assert (
+        seen[-1] == (2, 3, 16, 16) and recon.shape == (2, 3, 40, 24) and res.shape == (2, 1, 40, 24)
+    )
 
 
 def test_inspector_rejects_a_stride_beyond_the_patch():
@@ -254,12 +317,20 @@ def test_inspector_rejects_a_stride_beyond_the_patch():
 
 def test_inspector_traces_and_matches_eager():
     torch.manual_seed(0)
-    inspector = Inspector(TinyAE(), 16, 5, cfg(residual={"ssim": 1.0, "l2": 0.5}, smooth_sigma=1.0, score="topk"),
-                          False, 7).eval()
+    inspector = Inspector(
+        TinyAE(),
+        16,
+        5,
+        cfg(residual={"ssim": 1.0, "l2": 0.5}, smooth_sigma=1.0, score="topk"),
+        False,
+        7,
+    ).eval()
     x, other = torch.rand(2, 1, 37, 45), torch.rand(2, 1, 37, 45)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace is deprecated, export still uses it
+        warnings.simplefilter(
+            "ignore", FutureWarning
+        )  # torch.jit.trace is deprecated, export still uses it
         traced = torch.jit.trace(inspector, x)
         for got, want in zip(traced(other), inspector(other), strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -23,10 +23,21 @@ from defectae.errors import DefectaeError
 PATCH, N_TRAIN, BATCH, EPOCHS = 16, 128, 16, 3
 STEPS = N_TRAIN // BATCH
 SETS = [
-    f"model.input_size={PATCH}", "model.args.latent_dim=16", "loss.recon=mse",
-    f"train.epochs={EPOCHS}", f"train.batch_size={BATCH}", "train.lr=2e-3", "train.amp=off",
-    "train.compile=false", "train.num_workers=0", "train.deterministic=true", "train.warmup_epochs=1",
-    "train.log_images_every=2", "train.n_log_images=4", "train.patience=0", "train.histograms=true",
+    f"model.input_size={PATCH}",
+    "model.args.latent_dim=16",
+    "loss.recon=mse",
+    f"train.epochs={EPOCHS}",
+    f"train.batch_size={BATCH}",
+    "train.lr=2e-3",
+    "train.amp=off",
+    "train.compile=false",
+    "train.num_workers=0",
+    "train.deterministic=true",
+    "train.warmup_epochs=1",
+    "train.log_images_every=2",
+    "train.n_log_images=4",
+    "train.patience=0",
+    "train.histograms=true",
 ]
 
 
@@ -34,7 +45,11 @@ def stripes(n: int, seed: int) -> np.ndarray:
     """Vertical stripes of period 4 on a random brightness, plus noise: a simple learnable texture."""
     rng = np.random.default_rng(seed)
     level = rng.uniform(0.25, 0.75, (n, 1, 1, 1))
-    img = level + 0.2 * np.sin(np.pi * np.arange(PATCH) / 2) + rng.normal(0, 0.03, (n, 1, PATCH, PATCH))
+    img = (
+        level
+        + 0.2 * np.sin(np.pi * np.arange(PATCH) / 2)
+        + rng.normal(0, 0.03, (n, 1, PATCH, PATCH))
+    )
     return np.clip(img * 255, 0, 255).astype(np.uint8)
 
 
@@ -54,7 +69,13 @@ def make_profile(*extra: str) -> profiles.Profile:
 @pytest.fixture(scope="module")
 def patches(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("patches") / "patches.h5"
-    return write_patches(path, stripes(N_TRAIN, 0), stripes(64, 1), {"seed": 0, "source": "stripes"}, chunk_patches=32)
+    return write_patches(
+        path,
+        stripes(N_TRAIN, 0),
+        stripes(64, 1),
+        {"seed": 0, "source": "stripes"},
+        chunk_patches=32,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -74,14 +95,18 @@ def assert_same_state(a: Path, b: Path) -> None:
     assert sa["epoch"] == sb["epoch"] and sa["step"] == sb["step"]
     for key, value in sa["model"].items():
         assert torch.equal(value, sb["model"][key]), key
-    for (ka, va), (kb, vb) in zip(sa["optimizer"]["state"].items(), sb["optimizer"]["state"].items(), strict=True):
+    for (ka, va), (kb, vb) in zip(
+        sa["optimizer"]["state"].items(), sb["optimizer"]["state"].items(), strict=True
+    ):
         assert ka == kb and all(torch.equal(va[k], vb[k]) for k in va)
 
 
 def cli(home: Path, *args: str, **kw) -> subprocess.Popen:
     env = {**os.environ, "DEFECTAE_HOME": str(home), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "defectae", *args]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw
+    )
 
 
 def set_args(*extra: str) -> list[str]:
@@ -97,11 +122,22 @@ def test_a_tiny_ae_lowers_its_validation_loss_and_writes_the_run(reference, patc
     assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[-1]["step"] == EPOCHS * STEPS
     assert rows[-1]["val_total"] < 0.95 * rows[0]["val_total"]
     assert rows[-1]["val_ssim"] > rows[0]["val_ssim"]
-    for key in ("lr", "train_total", "train_recon", "val_recon", "seconds", "patches_per_s", "data_wait_fraction"):
+    for key in (
+        "lr",
+        "train_total",
+        "train_recon",
+        "val_recon",
+        "seconds",
+        "patches_per_s",
+        "data_wait_fraction",
+    ):
         assert key in rows[0]
     assert rows[-1]["lr"] == pytest.approx(0.0, abs=1e-9)  # cosine ends at zero
     assert reference["epochs"] == EPOCHS and reference["steps"] == EPOCHS * STEPS
-    assert reference["best_val"] == min(r["val_total"] for r in rows) and not reference["stopped_early"]
+    assert (
+        reference["best_val"] == min(r["val_total"] for r in rows)
+        and not reference["stopped_early"]
+    )
     assert reference["tensorboard"] == f"tensorboard --logdir {run_dir / 'tensorboard'}"
     assert profiles.load_written(run_dir / "profile.toml") == make_profile()
     model, profile, state = load_model(run_dir / "best.pt", expect=make_profile())
@@ -115,18 +151,33 @@ def test_tensorboard_event_files_hold_the_expected_tags(reference):
     acc = EventAccumulator(str(Path(reference["run_dir"]) / "tensorboard"))
     acc.Reload()
     scalars = set(acc.Tags()["scalars"])
-    assert {"train/total", "train/recon", "val/total", "val/recon", "val/ssim", "lr", "grad_norm/mean",
-            "throughput/patches_per_s", "throughput/data_wait_fraction", "step/loss"} <= scalars
+    assert {
+        "train/total",
+        "train/recon",
+        "val/total",
+        "val/recon",
+        "val/ssim",
+        "lr",
+        "grad_norm/mean",
+        "throughput/patches_per_s",
+        "throughput/data_wait_fraction",
+        "step/loss",
+    } <= scalars
     assert len(acc.Scalars("step/loss")) == EPOCHS * STEPS
     assert [e.step for e in acc.Scalars("val/total")] == [STEPS, 2 * STEPS, 3 * STEPS]
-    assert [e.step for e in acc.Images("val/reconstructions")] == [STEPS, 2 * STEPS]  # epoch 1, then every 2nd
+    assert [e.step for e in acc.Images("val/reconstructions")] == [
+        STEPS,
+        2 * STEPS,
+    ]  # epoch 1, then every 2nd
     assert "weights/encoder.0.weight" in acc.Tags()["histograms"]
 
 
 # ----------------------------------------------------------------------------- interruptions
 
 
-def test_resume_after_an_interruption_ends_with_identical_weights(reference, patches, home, monkeypatch, capsys):
+def test_resume_after_an_interruption_ends_with_identical_weights(
+    reference, patches, home, monkeypatch, capsys
+):
     real_validate, calls = train.validate, []
 
     def interrupt_in_epoch_2(*args, **kwargs):
@@ -141,16 +192,29 @@ def test_resume_after_an_interruption_ends_with_identical_weights(reference, pat
     (run_dir,) = (home / "runs" / "synthetic-ae").iterdir()
     assert load_checkpoint(run_dir / "last.pt")["epoch"] == 1
     monkeypatch.setattr(train, "validate", real_validate)
-    summary = train.run(make_profile("train.epochs=9"), resume=run_dir)  # the run keeps its own profile
-    assert "differs from the run's profile in train.epochs" in " ".join(capsys.readouterr().err.split())
+    summary = train.run(
+        make_profile("train.epochs=9"), resume=run_dir
+    )  # the run keeps its own profile
+    assert "differs from the run's profile in train.epochs" in " ".join(
+        capsys.readouterr().err.split()
+    )
     assert summary["epochs"] == EPOCHS and summary["run_dir"] == str(run_dir)
     assert_same_state(run_dir / "last.pt", Path(reference["run_dir"]) / "last.pt")
     assert [r["epoch"] for r in metrics_of(run_dir)] == [1, 2, 3]
 
 
 def test_ctrl_c_exits_130_with_a_resumable_last_pt(patches, tmp_path):
-    proc = cli(tmp_path, "train", "--profile", "synthetic-ae", "--patches", str(patches), *set_args("train.epochs=200"))
+    proc = cli(
+        tmp_path,
+        "train",
+        "--profile",
+        "synthetic-ae",
+        "--patches",
+        str(patches),
+        *set_args("train.epochs=200"),
+    )
     deadline = time.time() + 60
+
     def epochs_saved() -> int:
         lasts = list(tmp_path.glob("runs/synthetic-ae/*/last.pt"))
         return load_checkpoint(lasts[0])["epoch"] if lasts else 0
@@ -163,13 +227,18 @@ def test_ctrl_c_exits_130_with_a_resumable_last_pt(patches, tmp_path):
     (run_dir,) = (tmp_path / "runs" / "synthetic-ae").iterdir()
     state = load_checkpoint(run_dir / "last.pt")
     # a signal between the metrics line and last.pt leaves one extra line, which resume drops
-    assert 1 <= state["epoch"] < 200 and len(metrics_of(run_dir)) in (state["epoch"], state["epoch"] + 1)
+    assert 1 <= state["epoch"] < 200 and len(metrics_of(run_dir)) in (
+        state["epoch"],
+        state["epoch"] + 1,
+    )
     assert "--resume" in err
 
 
 @pytest.mark.slow
 def test_kill_9_mid_epoch_then_resume_matches_the_uninterrupted_run(reference, patches, tmp_path):
-    proc = cli(tmp_path, "train", "--profile", "synthetic-ae", "--patches", str(patches), *set_args())
+    proc = cli(
+        tmp_path, "train", "--profile", "synthetic-ae", "--patches", str(patches), *set_args()
+    )
     deadline = time.time() + 60
     while time.time() < deadline and not any(
         p.stat().st_size for p in tmp_path.glob("runs/synthetic-ae/*/metrics.jsonl")
@@ -207,15 +276,21 @@ def test_a_nan_loss_stops_with_epoch_and_step_and_keeps_the_checkpoints(patches,
 
 
 @pytest.mark.parametrize(("patience", "min_delta", "stop_epoch"), [(2, 0.05, 4), (0, 0.0, 6)])
-def test_early_stopping_stops_at_the_right_epoch(patches, home, monkeypatch, patience, min_delta, stop_epoch):
+def test_early_stopping_stops_at_the_right_epoch(
+    patches, home, monkeypatch, patience, min_delta, stop_epoch
+):
     totals = iter([1.0, 0.8, 0.79, 0.85, 0.9, 0.7])  # 0.79 is not better than 0.8 by 0.05
 
     def fixed_validation(*args, **kwargs):
         return {"total": next(totals), "recon": 0.1, "ssim": 0.5}
 
     monkeypatch.setattr(train, "validate", fixed_validation)
-    summary = train.run(make_profile("train.epochs=6", f"train.patience={patience}", f"train.min_delta={min_delta}"),
-                        patches=patches)
+    summary = train.run(
+        make_profile(
+            "train.epochs=6", f"train.patience={patience}", f"train.min_delta={min_delta}"
+        ),
+        patches=patches,
+    )
     assert summary["epochs"] == stop_epoch and summary["stopped_early"] == (patience > 0)
     assert summary["best_epoch"] == (2 if patience else 6)
     run_dir = Path(summary["run_dir"])
@@ -231,8 +306,12 @@ def test_learning_rate_schedules():
     cfg = make_profile("train.epochs=10", "train.warmup_epochs=2").train
     cosine = train.lr_factor(cfg, steps_per_epoch=10)
     assert [cosine(s) for s in (0, 9, 19)] == pytest.approx([0.05, 0.5, 1.0])
-    assert cosine(20) == pytest.approx(1.0) and cosine(60) == pytest.approx(0.5) and cosine(99) < 1e-3
-    step = train.lr_factor(dataclasses.replace(cfg, scheduler="step", warmup_epochs=0, step_size=3, gamma=0.5), 10)
+    assert (
+        cosine(20) == pytest.approx(1.0) and cosine(60) == pytest.approx(0.5) and cosine(99) < 1e-3
+    )
+    step = train.lr_factor(
+        dataclasses.replace(cfg, scheduler="step", warmup_epochs=0, step_size=3, gamma=0.5), 10
+    )
     assert [step(s) for s in (0, 29, 30, 60, 99)] == pytest.approx([1, 1, 0.5, 0.25, 0.125])
     none = train.lr_factor(dataclasses.replace(cfg, scheduler="none", warmup_epochs=0), 10)
     assert {none(s) for s in range(100)} == {1.0}
@@ -262,8 +341,12 @@ def test_largest_batch_doubles_then_bisects():
 def test_find_batch_size_reports_and_write_batch_size_trains_with_it(patches, home):
     found = train.run(make_profile("train.find_batch_max=8"), patches=patches, find_batch_size=True)
     assert found["batch_size"] == 8 and not (home / "runs").exists()
-    summary = train.run(make_profile("train.find_batch_max=8", "train.epochs=1"), patches=patches,
-                        find_batch_size=True, write_batch_size=True)
+    summary = train.run(
+        make_profile("train.find_batch_max=8", "train.epochs=1"),
+        patches=patches,
+        find_batch_size=True,
+        write_batch_size=True,
+    )
     assert summary["batch_size"] == 8 and summary["steps"] == N_TRAIN // 8
     assert profiles.load_written(Path(summary["run_dir"]) / "profile.toml").train.batch_size == 8
 
@@ -274,15 +357,33 @@ def test_find_batch_size_reports_and_write_batch_size_trains_with_it(patches, ho
 def test_bad_inputs_are_one_line_errors(reference, patches, tmp_path):
     run_dir = Path(reference["run_dir"])
     cases = [
-        (dict(profile=make_profile(), patches=tmp_path / "missing.h5"), "missing.h5: patch file not found"),
+        (
+            dict(profile=make_profile(), patches=tmp_path / "missing.h5"),
+            "missing.h5: patch file not found",
+        ),
         (dict(profile=make_profile("model.input_size=32"), patches=patches), "patches are 16 px"),
-        (dict(profile=make_profile(), patches=patches, amp="fast"), "--amp 'fast': expected one of auto"),
-        (dict(profile=make_profile(), patches=patches, compile="maybe"), "--compile 'maybe': expected one of on"),
-        (dict(profile=make_profile(), patches=patches, write_batch_size=True), "--write-batch-size"),
+        (
+            dict(profile=make_profile(), patches=patches, amp="fast"),
+            "--amp 'fast': expected one of auto",
+        ),
+        (
+            dict(profile=make_profile(), patches=patches, compile="maybe"),
+            "--compile 'maybe': expected one of on",
+        ),
+        (
+            dict(profile=make_profile(), patches=patches, write_batch_size=True),
+            "--write-batch-size",
+        ),
         (dict(profile=None, resume=tmp_path / "nowhere"), "run folder not found"),
         (dict(profile=make_profile("model.family=cnnae"), resume=run_dir), "model.family = 'ae'"),
-        (dict(profile=dataclasses.replace(make_profile(), name="other-ae"), resume=run_dir), "name = 'synthetic-ae'"),
-        (dict(profile=make_profile(), resume=run_dir, find_batch_size=True), "--find-batch-size: not with --resume"),
+        (
+            dict(profile=dataclasses.replace(make_profile(), name="other-ae"), resume=run_dir),
+            "name = 'synthetic-ae'",
+        ),
+        (
+            dict(profile=make_profile(), resume=run_dir, find_batch_size=True),
+            "--find-batch-size: not with --resume",
+        ),
     ]
     for kwargs, message in cases:
         with pytest.raises(DefectaeError, match=message.replace("(", r"\(")):
@@ -295,7 +396,16 @@ def test_bad_inputs_are_one_line_errors(reference, patches, tmp_path):
 
 
 def test_bad_cli_value_exits_2_with_one_red_line(patches, tmp_path):
-    proc = cli(tmp_path, "train", "--profile", "synthetic-ae", "--patches", str(patches), "--compile", "yes")
+    proc = cli(
+        tmp_path,
+        "train",
+        "--profile",
+        "synthetic-ae",
+        "--patches",
+        str(patches),
+        "--compile",
+        "yes",
+    )
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and err.strip().count("\n") == 0 and "--compile 'yes'" in err
 
@@ -304,9 +414,26 @@ def test_bad_cli_value_exits_2_with_one_red_line(patches, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_ddp_equals_single_process_with_the_same_global_batch(reference, patches, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "defectae", "--json", "train", "--profile", "synthetic-ae", "--patches", str(patches), *set_args()]
+def test_two_process_ddp_equals_single_process_with_the_same_global_batch(
+    reference, patches, tmp_path
+):
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "defectae",
+        "--json",
+        "train",
+        "--profile",
+        "synthetic-ae",
+        "--patches",
+        str(patches),
+        *set_args(),
+    ]
     env = {**os.environ, "DEFECTAE_HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -315,7 +442,10 @@ def test_two_process_ddp_equals_single_process_with_the_same_global_batch(refere
     for ddp, single in zip(metrics_of(run_dir), metrics_of(reference["run_dir"]), strict=True):
         for key in ("step", "train_total", "val_total", "val_ssim", "grad_norm"):
             assert ddp[key] == pytest.approx(single[key], rel=1e-3), key
-    ddp, single = load_checkpoint(run_dir / "last.pt"), load_checkpoint(Path(reference["run_dir"]) / "last.pt")
+    ddp, single = (
+        load_checkpoint(run_dir / "last.pt"),
+        load_checkpoint(Path(reference["run_dir"]) / "last.pt"),
+    )
     for key, value in single["model"].items():
         # Adam's normalised step turns float summation-order noise in near-zero gradients
         # into differences of up to about one learning rate.
@@ -324,5 +454,7 @@ def test_two_process_ddp_equals_single_process_with_the_same_global_batch(refere
 
 @pytest.mark.slow
 def test_compile_on_trains_or_falls_back_to_eager_with_a_warning(patches, home):
-    summary = train.run(make_profile("train.epochs=1", "train.log_images_every=0"), patches=patches, compile="on")
+    summary = train.run(
+        make_profile("train.epochs=1", "train.log_images_every=0"), patches=patches, compile="on"
+    )
     assert summary["epochs"] == 1 and summary["best_val"] < 1.0

@@ -47,12 +47,19 @@ class PreparedSplit:
     def empty(cls, channels: int, size: tuple[int, int]) -> PreparedSplit:
         h, w = size
         return cls(
-            np.zeros((0, channels, h, w), np.uint8), np.zeros((0, 1, h, w), np.uint8),
-            np.zeros((0,), np.uint8), [], [], [], np.zeros((0, 2), np.int32),
+            np.zeros((0, channels, h, w), np.uint8),
+            np.zeros((0, 1, h, w), np.uint8),
+            np.zeros((0,), np.uint8),
+            [],
+            [],
+            [],
+            np.zeros((0, 2), np.int32),
         )
 
 
-def write_prepared(path: str | Path, splits: dict[str, PreparedSplit], attrs: dict[str, Any]) -> Path:
+def write_prepared(
+    path: str | Path, splits: dict[str, PreparedSplit], attrs: dict[str, Any]
+) -> Path:
     """Write all splits atomically; `attrs` are stored as file attributes (dicts as JSON)."""
     path = Path(path)
     strings = h5py.string_dtype()
@@ -62,21 +69,39 @@ def write_prepared(path: str | Path, splits: dict[str, PreparedSplit], attrs: di
             f.attrs["format_version"] = FORMAT_VERSION
             f.attrs["version"] = __version__
             for key, value in attrs.items():
-                f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) and key != "image_size" else value
+                f.attrs[key] = (
+                    json.dumps(value)
+                    if isinstance(value, (dict, list)) and key != "image_size"
+                    else value
+                )
             for name in SPLITS:
                 split = splits[name]
                 g = f.create_group(name)
                 n = len(split)
                 chunks = (1, *split.images.shape[1:]) if n else None
                 g.create_dataset("images", data=split.images, chunks=chunks, track_times=False)
-                g.create_dataset("masks", data=split.masks, chunks=(1, *split.masks.shape[1:]) if n else None,
-                                 compression="lzf" if n else None, track_times=False)
-                g.create_dataset("labels", data=np.asarray(split.labels, np.uint8), track_times=False)
+                g.create_dataset(
+                    "masks",
+                    data=split.masks,
+                    chunks=(1, *split.masks.shape[1:]) if n else None,
+                    compression="lzf" if n else None,
+                    track_times=False,
+                )
+                g.create_dataset(
+                    "labels", data=np.asarray(split.labels, np.uint8), track_times=False
+                )
                 for key in ("defect_types", "names", "files"):
-                    g.create_dataset(key, data=np.array(getattr(split, key), dtype=object), dtype=strings,
-                                     track_times=False)
-                g.create_dataset("orig_sizes", data=np.asarray(split.orig_sizes, np.int32).reshape(-1, 2),
-                                 track_times=False)
+                    g.create_dataset(
+                        key,
+                        data=np.array(getattr(split, key), dtype=object),
+                        dtype=strings,
+                        track_times=False,
+                    )
+                g.create_dataset(
+                    "orig_sizes",
+                    data=np.asarray(split.orig_sizes, np.int32).reshape(-1, 2),
+                    track_times=False,
+                )
     return path
 
 
@@ -105,9 +130,13 @@ def read_split(source: str | Path | h5py.File, split: str) -> PreparedSplit:
     try:
         g = f[split]
         return PreparedSplit(
-            images=g["images"][()], masks=g["masks"][()], labels=g["labels"][()],
-            defect_types=_strings(g["defect_types"]), names=_strings(g["names"]),
-            files=_strings(g["files"]), orig_sizes=g["orig_sizes"][()],
+            images=g["images"][()],
+            masks=g["masks"][()],
+            labels=g["labels"][()],
+            defect_types=_strings(g["defect_types"]),
+            names=_strings(g["names"]),
+            files=_strings(g["files"]),
+            orig_sizes=g["orig_sizes"][()],
         )
     finally:
         if own:

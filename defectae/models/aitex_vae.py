@@ -245,12 +245,12 @@ def _fixed_vae(name: str) -> Callable[..., nn.Module]:
     return build
 
 
-build_vae1 = register("vae1", "AITEX VAE v1: 4 stride-2 convs, fc mu/logvar, [64,16,16] -> 2 x4 ConvT", **_VAE)(
-    _fixed_vae("vae1")
-)
-build_vae3 = register("vae3", "AITEX VAE v3: fixed 256-ch encoder, [64,16,16] decoded in two large steps", **_VAE)(
-    _fixed_vae("vae3")
-)
+build_vae1 = register(
+    "vae1", "AITEX VAE v1: 4 stride-2 convs, fc mu/logvar, [64,16,16] -> 2 x4 ConvT", **_VAE
+)(_fixed_vae("vae1"))
+build_vae3 = register(
+    "vae3", "AITEX VAE v3: fixed 256-ch encoder, [64,16,16] decoded in two large steps", **_VAE
+)(_fixed_vae("vae3"))
 
 
 @register("vae2", "AITEX VAE v2: vae1 with encoder/decoder channel lists as parameters", **_VAE)

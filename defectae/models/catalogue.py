@@ -33,9 +33,16 @@ def run() -> dict[str, Any]:
     rows = [describe(name) for name in console.track(sorted(FAMILIES), "measuring models")]
     table = Table(title="model families (1 channel, default size)")
     for col in ("family", "input", "parameters", "GFLOPs/patch", "description"):
-        table.add_column(col, justify="right" if col in ("input", "parameters", "GFLOPs/patch") else "left")
+        table.add_column(
+            col, justify="right" if col in ("input", "parameters", "GFLOPs/patch") else "left"
+        )
     for r in rows:
-        table.add_row(r["family"], str(r["input_size"]), f"{r['parameters']:,}",
-                      f"{r['flops_per_patch'] / 1e9:.3f}", r["summary"])
+        table.add_row(
+            r["family"],
+            str(r["input_size"]),
+            f"{r['parameters']:,}",
+            f"{r['flops_per_patch'] / 1e9:.3f}",
+            r["summary"],
+        )
     console.show(table)
     return {"models": rows}

@@ -33,7 +33,12 @@ FAMILIES: dict[str, Family] = {}
 
 
 def register(
-    name: str, summary: str, *, is_vae: bool = False, whole_image: bool = False, default_size: int = 128
+    name: str,
+    summary: str,
+    *,
+    is_vae: bool = False,
+    whole_image: bool = False,
+    default_size: int = 128,
 ) -> Callable[[Builder], Builder]:
     """Decorator adding a builder to the registry under `name`."""
 
@@ -52,12 +57,18 @@ def get_family(name: str) -> Family:
 
     if name not in FAMILIES:
         near = difflib.get_close_matches(name, list(FAMILIES), n=1)
-        hint = f"; did you mean '{near[0]}'?" if near else f"; expected one of {', '.join(sorted(FAMILIES))}"
+        hint = (
+            f"; did you mean '{near[0]}'?"
+            if near
+            else f"; expected one of {', '.join(sorted(FAMILIES))}"
+        )
         raise DefectaeError(f"model.family '{name}': unknown family{hint}")
     return FAMILIES[name]
 
 
-def build_model(family: str, in_channels: int, input_size: int, args: dict | None = None) -> nn.Module:
+def build_model(
+    family: str, in_channels: int, input_size: int, args: dict | None = None
+) -> nn.Module:
     """Build a family's model, turning unknown or ill-typed arguments into user errors."""
     fam = get_family(family)
     args = dict(args or {})
@@ -69,7 +80,9 @@ def build_model(family: str, in_channels: int, input_size: int, args: dict | Non
                 valid = [p for p in params if p not in ("in_channels", "input_size")]
                 near = difflib.get_close_matches(key, valid, n=1)
                 hint = f"; did you mean '{near[0]}'?" if near else f"; valid: {', '.join(valid)}"
-                raise DefectaeError(f"model.args.{key}: unknown argument for family '{family}'{hint}")
+                raise DefectaeError(
+                    f"model.args.{key}: unknown argument for family '{family}'{hint}"
+                )
     if in_channels not in (1, 3):
         raise DefectaeError(f"in_channels {in_channels}: expected 1 (gray) or 3 (rgb)")
     return fam.builder(in_channels=in_channels, input_size=input_size, **args)

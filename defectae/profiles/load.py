@@ -97,9 +97,17 @@ class _Layers:
     def _merge(self, target: dict, data: dict, source: str, path: tuple[str, ...]) -> None:
         for key, value in data.items():
             kpath = path + (key,)
-            if isinstance(value, dict) and isinstance(target.get(key), dict) and kpath != ("model", "args"):
+            if (
+                isinstance(value, dict)
+                and isinstance(target.get(key), dict)
+                and kpath != ("model", "args")
+            ):
                 self._merge(target[key], value, source, kpath)
-            elif isinstance(value, dict) and kpath == ("model", "args") and isinstance(target.get(key), dict):
+            elif (
+                isinstance(value, dict)
+                and kpath == ("model", "args")
+                and isinstance(target.get(key), dict)
+            ):
                 target[key] = {**target[key], **value}
                 for k in value:
                     self.origin[kpath + (k,)] = source
@@ -151,7 +159,9 @@ def resolve(name: str, sets: list[str] | None = None, root: str | None = None) -
                 raise DefectaeError(f"{path}: key 'base': expected a profile name string")
             _add_named(layers, base)
         layers.add(data, str(path))
-        profile_name = data.get("name", path.stem) if isinstance(data.get("name"), str) else path.stem
+        profile_name = (
+            data.get("name", path.stem) if isinstance(data.get("name"), str) else path.stem
+        )
         layers.data.pop("name", None)
     else:
         _add_named(layers, name)
@@ -184,7 +194,11 @@ def _only_sections(data: dict[str, Any], allowed: tuple[str, ...], path: Path) -
     for key in data:
         if key not in allowed:
             near = difflib.get_close_matches(key, allowed, n=1)
-            hint = f" (did you mean '{near[0]}'?)" if near else f"; expected one of {', '.join(allowed)}"
+            hint = (
+                f" (did you mean '{near[0]}'?)"
+                if near
+                else f"; expected one of {', '.join(allowed)}"
+            )
             raise DefectaeError(f"{path}: unknown section '{key}'{hint}")
 
 
@@ -217,7 +231,9 @@ def _type_at(path: tuple[str, ...]) -> Any:
 
 
 def _parse_value(raw: str, hint: Any, item: str) -> Any:
-    if hint is str or (get_origin(hint) is Literal and all(isinstance(a, str) for a in get_args(hint))):
+    if hint is str or (
+        get_origin(hint) is Literal and all(isinstance(a, str) for a in get_args(hint))
+    ):
         return raw
     try:
         return tomllib.loads(f"v = {raw}")["v"]
@@ -295,7 +311,7 @@ def _coerce(hint: Any, value: Any, path: tuple[str, ...], source: Any) -> Any:
         args = get_args(hint)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise bad(f"a list of {len(args)} {_type_name(args[0])}s")
-        return tuple(_coerce(a, v, path, source) for a, v in zip(args, value))
+        return tuple(_coerce(a, v, path, source) for a, v in zip(args, value, strict=True))
     if origin is list:
         (arg,) = get_args(hint)
         if not isinstance(value, list):
@@ -316,7 +332,9 @@ def _coerce(hint: Any, value: Any, path: tuple[str, ...], source: Any) -> Any:
     raise TypeError(f"unsupported schema type {hint!r} at {where}")
 
 
-def _check_range(value: Any, lo: float | None, hi: float | None, path: tuple[str, ...], source: Any) -> None:
+def _check_range(
+    value: Any, lo: float | None, hi: float | None, path: tuple[str, ...], source: Any
+) -> None:
     values = value if isinstance(value, tuple) else (value,)
     for v in values:
         if isinstance(v, bool) or not isinstance(v, (int, float)):

@@ -31,11 +31,15 @@ class FoldersOptions:
     good_dir: str = opt("good", doc="folder of defect-free images, relative to root")
     defect_dirs: list[str] = opt([], doc="folders of defective images; empty = every other folder")
     image_subdir: str = opt("", doc="sub-folder holding the images inside each folder (e.g. Imgs)")
-    mask_dir: str = opt("", doc="parallel folder of masks, relative to root; empty = next to images")
+    mask_dir: str = opt(
+        "", doc="parallel folder of masks, relative to root; empty = next to images"
+    )
     mask_suffix: str = opt("_mask", doc="mask file stem = image stem + this suffix")
     mask_ext: str = opt(".png", doc="mask file extension")
     image_exts: list[str] = opt([".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"])
-    type_prefix: str = opt("", doc="prefix stripped from folder names to give the defect type (e.g. MT_)")
+    type_prefix: str = opt(
+        "", doc="prefix stripped from folder names to give the defect type (e.g. MT_)"
+    )
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,9 @@ class AitexOptions:
 
     fabrics: list[str] = opt([], doc="fabric codes to use (e.g. ['00', '01']); empty = all")
     tile_stride: int = opt(0, 0, None, doc="stride between tiles along the strip; 0 = tile width")
-    exclude: list[str] = opt([], doc="image stems to leave out (e.g. a defect strip shipped without a mask)")
+    exclude: list[str] = opt(
+        [], doc="image stems to leave out (e.g. a defect strip shipped without a mask)"
+    )
 
 
 @dataclass(frozen=True)
@@ -72,11 +78,18 @@ class DatasetConfig:
     category: str = opt("", doc="MVTec category folder under root (empty = root is the category)")
     image_size: tuple[int, int] = opt((256, 256), 8, 8192, doc="[H, W] every image is resized to")
     color: Literal["gray", "rgb"] = opt("gray")
-    val_fraction: float = opt(0.1, 0.0, 0.9, doc="share of defect-free training images held out for validation")
-    train_list: str = opt("", doc="text file naming the training images; the other good images become test-good")
+    val_fraction: float = opt(
+        0.1, 0.0, 0.9, doc="share of defect-free training images held out for validation"
+    )
+    train_list: str = opt(
+        "", doc="text file naming the training images; the other good images become test-good"
+    )
     val_list: str = opt("", doc="text file naming the validation images (overrides val_fraction)")
     test_fraction: float = opt(
-        0.2, 0.0, 0.9, doc="folders layout without train_list: share of good images held out as test-good"
+        0.2,
+        0.0,
+        0.9,
+        doc="folders layout without train_list: share of good images held out as test-good",
     )
     seed: int = opt(0, 0, None)
     download_url: str = opt("", doc="archive URL for `prepare --download` (users with internet)")
@@ -100,7 +113,9 @@ class ModelConfig:
     name: str = opt("", doc="model profile name (filled in by the loader)")
     family: str = opt("ae", doc="a registered family: see `defectae models`")
     input_size: int = opt(128, 8, 4096, doc="side of the square patch the model sees")
-    args: dict[str, Any] = opt({}, doc="family-specific constructor arguments (checked by the family)")
+    args: dict[str, Any] = opt(
+        {}, doc="family-specific constructor arguments (checked by the family)"
+    )
 
 
 @dataclass(frozen=True)
@@ -113,7 +128,9 @@ class LossConfig:
     alpha: float = opt(1.0, 0.0, None, doc="weight of the reconstruction term")
     beta: float = opt(0.0, 0.0, None, doc="weight of an extra 1-SSIM term")
     kld_weight: float = opt(0.0, 0.0, None, doc="weight of the KL term (VAEs)")
-    kl_warmup_epochs: int = opt(0, 0, None, doc="linear warm-up of kld_weight over this many epochs")
+    kl_warmup_epochs: int = opt(
+        0, 0, None, doc="linear warm-up of kld_weight over this many epochs"
+    )
     sparse_weight: float = opt(0.0, 0.0, None, doc="weight of L1 on the latent code")
     ssim_window: int = opt(11, 3, 31, doc="SSIM window size (odd)")
     frequency_weight: float = opt(1.0, 0.0, None, doc="weight of the FFT term inside hybrid losses")
@@ -128,9 +145,13 @@ class AugmentConfig:
 
     n_patches: int = opt(10000, 1, None, doc="training patches to write")
     n_val_patches: int = opt(1000, 1, None, doc="validation patches, from validation images only")
-    whole_image: bool = opt(False, doc="no cropping: a patch is the whole image (needs input_size = image size)")
+    whole_image: bool = opt(
+        False, doc="no cropping: a patch is the whole image (needs input_size = image size)"
+    )
     rotation_prob: float = opt(0.0, 0.0, 1.0)
-    max_angle: float = opt(0.0, 0.0, 180.0, doc="rotate by up to +-angle, then crop the largest inscribed square")
+    max_angle: float = opt(
+        0.0, 0.0, 180.0, doc="rotate by up to +-angle, then crop the largest inscribed square"
+    )
     hflip_prob: float = opt(0.0, 0.0, 1.0)
     vflip_prob: float = opt(0.0, 0.0, 1.0)
     jitter_prob: float = opt(0.0, 0.0, 1.0, doc="probability of brightness/contrast jitter")
@@ -177,12 +198,17 @@ class TrainConfig:
     num_workers: int = opt(2, 0, 64)
     seed: int = opt(0, 0, None)
     device: str = opt("auto", doc="auto, cpu, cuda or cuda:N")
-    log_images_every: int = opt(5, 0, None, doc="epochs between reconstruction images in TensorBoard; 0 = off")
+    log_images_every: int = opt(
+        5, 0, None, doc="epochs between reconstruction images in TensorBoard; 0 = off"
+    )
     n_log_images: int = opt(8, 1, 64)
     histograms: bool = opt(False, doc="weight histograms in TensorBoard")
     deterministic: bool = opt(False, doc="torch deterministic algorithms (slower)")
     find_batch_max: int = opt(
-        4096, 1, None, doc="largest batch --find-batch-size tries (on CPU also at most half the free RAM)"
+        4096,
+        1,
+        None,
+        doc="largest batch --find-batch-size tries (on CPU also at most half the free RAM)",
     )
 
 
@@ -199,7 +225,9 @@ class TileConfig:
     ssim_k1: float = opt(0.01, 0.0, 1.0)
     ssim_k2: float = opt(0.03, 0.0, 1.0)
     smooth_sigma: float = opt(0.0, 0.0, 50.0, doc="Gaussian smoothing of the residual map; 0 = off")
-    score: Literal["max", "topk"] = opt("max", doc="image score: max of the map or mean of the top k%")
+    score: Literal["max", "topk"] = opt(
+        "max", doc="image score: max of the map or mean of the top k%"
+    )
     topk_percent: float = opt(1.0, 0.001, 100.0)
     save_reconstructions: bool = opt(True)
     amp: Literal["auto", "bf16", "fp16", "off"] = opt("auto")
@@ -211,12 +239,16 @@ class TileConfig:
 class ScoreConfig:
     """Thresholds and report settings of `score`."""
 
-    threshold: Literal["val_quantile", "val_fpr"] = opt("val_quantile", doc="how the label-free threshold is chosen")
+    threshold: Literal["val_quantile", "val_fpr"] = opt(
+        "val_quantile", doc="how the label-free threshold is chosen"
+    )
     quantile: float = opt(0.999, 0.0, 1.0, doc="quantile of validation residuals")
     target_fpr: float = opt(0.01, 0.0, 1.0, doc="target pixel FPR on validation images")
     pro_max_fpr: float = opt(0.3, 0.0, 1.0, doc="FPR limit of AU-PRO")
     panels: bool = opt(True, doc="write a figure panel per test image")
-    panel_size: int = opt(256, 32, 2048, doc="longest side of each image in a report panel, in pixels")
+    panel_size: int = opt(
+        256, 32, 2048, doc="longest side of each image in a report panel, in pixels"
+    )
 
 
 @dataclass(frozen=True)
