@@ -407,9 +407,9 @@ def metrics_table(summary: dict[str, Any]) -> Table:
     table = Table(
         title=f"score: {summary.get('profile') or summary['residuals']} ({summary['protocol']})"
     )
-    table.add_column("metric")
+    table.add_column("metric", no_wrap=True)
     for name, col in columns:
-        table.add_column(f"{name} ({col['counts']['images']})", justify="right")
+        table.add_column(f"{name}\n{col['counts']['images']} images", justify="right")
     for key, label in report.METRIC_LABELS.items():
         if key in summary["metrics"]:
             table.add_row(
