@@ -324,7 +324,7 @@ def iterate_once(
     peaks are those of the iteration alone, not of whatever this process did before.
     """
     if isolated:
-        ctx = multiprocessing.get_context("spawn")
+        ctx = multiprocessing.get_context("forkserver")
         queue = ctx.Queue()
         # The child's DataLoader workers start the way this process's would (fork on Linux).
         method = multiprocessing.get_start_method()

@@ -1,0 +1,319 @@
+"""`defectae export`: verified TorchScript / ONNX round trips, metadata, int8, refusals, bad input."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from defectae import export, profiles
+from defectae.checkpoint import load_model, save_checkpoint
+from defectae.data.patch_store import write_patches
+from defectae.data.prepared import PreparedSplit, write_prepared
+from defectae.errors import DefectaeError
+from defectae.inspector import Inspector
+from defectae.metrics import label_free_threshold
+from defectae.models import build_model
+
+SETS = [
+    "model.input_size=32",
+    "model.args.latent_dim=8",
+    "dataset.image_size=[64, 64]",
+    "tile.stride=16",
+    "tile.batch_size=32",
+]
+TYPES = ["good", "good", "good", "scratch", "hole", "scratch"]
+ARTEFACTS = [
+    "model.pt",
+    "inspector.pt",
+    "model.onnx",
+    "inspector.onnx",
+    "model_int8.pt",
+    "inspector_int8.pt",
+]
+
+
+def _split(rng: np.random.Generator, types: list[str], size: int = 64) -> PreparedSplit:
+    n = len(types)
+    images = rng.integers(60, 200, (n, 1, size, size), dtype=np.uint8)
+    masks = np.zeros((n, 1, size, size), np.uint8)
+    labels = np.array([t != "good" for t in types], np.uint8)
+    for i in np.flatnonzero(labels):  # a bright square defect
+        images[i, :, 20:30, 24:34] = 255
+        masks[i, :, 20:30, 24:34] = 1
+    return PreparedSplit(
+        images,
+        masks,
+        labels,
+        types,
+        [f"{i:03d}" for i in range(n)],
+        [f"{t}/{i:03d}.png" for i, t in enumerate(types)],
+        np.full((n, 2), size, np.int32),
+    )
+
+
+def make_run(root: Path, sets: list[str] = SETS, with_data: bool = True) -> Path:
+    """A run folder with an untrained tiny `ae` checkpoint; with_data adds patches.h5, prepared.h5, residuals.h5."""
+    profile = profiles.resolve("synthetic-ae", sets=sets)
+    run = root / "run"
+    run.mkdir(parents=True)
+    state = {
+        "model": None,
+        "optimizer": {},
+        "scheduler": {},
+        "scaler": {},
+        "epoch": 1,
+        "step": 1,
+        "rng": {},
+        "profile": profiles.to_dict(profile),
+        "family": "ae",
+        "in_channels": 1,
+        "best_val": 0.0,
+    }
+    torch.manual_seed(0)
+    state["model"] = build_model("ae", 1, 32, profile.model.args).state_dict()
+    if with_data:
+        rng = np.random.default_rng(0)
+        prepared = write_prepared(
+            root / "prepared.h5",
+            {
+                "train": _split(rng, ["good"] * 2),
+                "validation": _split(rng, ["good"] * 3),
+                "test": _split(rng, TYPES),
+            },
+            {
+                "layout": "synthetic",
+                "source": "test",
+                "category": "woven",
+                "image_size": [64, 64],
+                "color": "gray",
+                "channels": 1,
+                "dataset": {"name": "synthetic"},
+            },
+        )
+        patches = rng.integers(0, 256, (16, 1, 32, 32), dtype=np.uint8)
+        state["patches"] = str(write_patches(root / "patches.h5", patches, patches, {"seed": 0}))
+        with h5py.File(run / "residuals.h5", "w") as f:
+            f.attrs["prepared"] = str(prepared)
+            f["validation/residuals"] = rng.random((3, 1, 64, 64)).astype(np.float16)
+    save_checkpoint(state, run / "best.pt")
+    return run
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> tuple[Path, dict]:
+    run = make_run(tmp_path_factory.mktemp("export"))
+    return run, export.run(run, "all", int8=True, out=None)
+
+
+def _load_ts(path: Path) -> tuple[torch.jit.ScriptModule, dict]:
+    extra = {"defectae.json": ""}
+    module = torch.jit.load(str(path), _extra_files=extra)
+    return module, json.loads(extra["defectae.json"])
+
+
+def test_all_artefacts_round_trip_within_tolerance_at_a_new_batch_size(exported):
+    run, summary = exported
+    out = run / "export"
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ARTEFACTS + ["profile.toml", "export.json"]
+    )
+    assert summary["out"] == str(out) and len(summary["files"]) == len(ARTEFACTS) + 2
+    assert set(summary["max_abs_diff"]) == set(ARTEFACTS)
+    assert all(0 <= d <= export.TOLERANCE for d in summary["max_abs_diff"].values())
+    assert (
+        "validation patches" in summary["verified_on"]
+        and "validation images" in summary["verified_on"]
+    )
+
+    model, _, _ = load_model(run / "best.pt")
+    tile = profiles.resolve("synthetic-ae", sets=SETS).tile
+    g = torch.Generator().manual_seed(1)
+    patches, images = torch.rand(5, 1, 32, 32, generator=g), torch.rand(4, 1, 64, 64, generator=g)
+    with torch.no_grad():
+        want_recon = model(patches)["recon"]
+        want = Inspector(model, 32, 16, tile, False, 0)(images)
+
+    ts_model, _ = _load_ts(out / "model.pt")
+    ts_inspector, _ = _load_ts(out / "inspector.pt")
+    with torch.no_grad():
+        assert torch.allclose(ts_model(patches), want_recon, atol=1e-5)
+        for got, ref in zip(ts_inspector(images), want, strict=True):
+            assert torch.allclose(got, ref, atol=1e-5)
+
+    for name, x, ref in (("model.onnx", patches, (want_recon,)), ("inspector.onnx", images, want)):
+        session = ort.InferenceSession(str(out / name), providers=["CPUExecutionProvider"])
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        assert len(got) == len(ref)
+        for g_, r in zip(got, ref, strict=True):
+            np.testing.assert_allclose(g_, r.numpy(), atol=1e-4)
+
+
+def test_metadata_holds_preprocessing_and_the_validation_threshold(exported):
+    run, summary = exported
+    out = run / "export"
+    with h5py.File(run / "residuals.h5", "r") as f:
+        expected = label_free_threshold(
+            f["validation/residuals"][()], profiles.resolve("synthetic-ae", sets=SETS).score
+        )
+    assert summary["threshold"]["value"] == pytest.approx(expected.value)
+
+    _, meta = _load_ts(out / "inspector.pt")
+    proto = onnx.load(str(out / "inspector.onnx"))
+    onnx_meta = json.loads({p.key: p.value for p in proto.metadata_props}["defectae.json"])
+    for m in (meta, onnx_meta):
+        assert m["artefact"] == "inspector" and m["precision"] == "fp32" and m["family"] == "ae"
+        assert (
+            m["input"]["image_size"] == [64, 64]
+            and m["input"]["color"] == "gray"
+            and m["input"]["channels"] == 1
+        )
+        assert "255" in m["input"]["scaling"]
+        assert m["threshold"]["value"] == pytest.approx(expected.value)
+        assert m["patch_size"] == 32 and m["tile"]["stride"] == 16
+    _, recon_meta = _load_ts(out / "model.pt")
+    assert recon_meta["input"]["image_size"] == [32, 32] and recon_meta["outputs"] == {
+        "recon": ["batch", 1, 32, 32]
+    }
+
+    assert proto.opset_import[0].version >= 17 or any(o.version >= 17 for o in proto.opset_import)
+    batch_dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param and not batch_dim.dim_value  # dynamic batch axis
+    manifest = json.loads((out / "export.json").read_text())
+    assert manifest["max_abs_diff"] == summary["max_abs_diff"]
+
+
+def test_int8_reports_auroc_changes_against_an_independent_fp32_auroc(exported):
+    run, summary = exported
+    q = summary["int8"]
+    assert q["quantization"].startswith("static") and q["test_images"] == len(TYPES)
+    for name in ("image_auroc", "pixel_auroc"):
+        assert q[f"{name}_delta"] == pytest.approx(q[f"{name}_int8"] - q[f"{name}_fp32"])
+    model, profile, _ = load_model(run / "best.pt")
+    with h5py.File(run.parent / "prepared.h5", "r") as f:
+        images = torch.from_numpy(f["test/images"][()]).float() / 255
+        labels = f["test/labels"][()]
+    with torch.no_grad():
+        scores = Inspector(model, 32, 16, profile.tile, False, 32)(images)[1]
+    assert q["image_auroc_fp32"] == pytest.approx(roc_auc_score(labels, scores.numpy()))
+    _, meta = _load_ts(run / "export" / "model_int8.pt")
+    assert meta["precision"] == "int8" and meta["quantization"] == q["quantization"]
+
+
+def _perturb(module: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.05)
+
+
+def test_a_torchscript_export_differing_from_eager_is_refused_and_nothing_written(
+    tmp_path, monkeypatch
+):
+    run = make_run(tmp_path)
+    real = export.to_torchscript
+
+    def altered_after_tracing(module, example):
+        traced = real(
+            copy.deepcopy(module), example
+        )  # a trace shares the module's weights: alter a copy's
+        _perturb(traced)
+        return traced
+
+    monkeypatch.setattr(export, "to_torchscript", altered_after_tracing)
+    with pytest.raises(
+        DefectaeError, match=r"model\.pt: .*differs from the eager model .*nothing was written"
+    ):
+        export.run(run, "torchscript", int8=False, out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_onnx_export_of_a_model_altered_after_export_is_refused(tmp_path, monkeypatch):
+    run = make_run(tmp_path)
+    real = export.to_onnx
+
+    def export_then_alter(module, *args, **kwargs):
+        result = real(module, *args, **kwargs)
+        _perturb(module)
+        return result
+
+    monkeypatch.setattr(export, "to_onnx", export_then_alter)
+    with pytest.raises(DefectaeError, match=r"model\.onnx: .*differs from the eager model"):
+        export.run(run, "onnx", int8=False, out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_without_data_it_verifies_on_random_inputs_and_stores_no_threshold(tmp_path, home):
+    run = make_run(tmp_path, with_data=False)
+    summary = export.run(run, "torchscript", int8=False, out=None)
+    assert "random patches" in summary["verified_on"] and "random images" in summary["verified_on"]
+    assert summary["threshold"]["value"] is None and "tile-test" in summary["threshold"]["reason"]
+    _, meta = _load_ts(run / "export" / "inspector.pt")
+    assert meta["threshold"]["value"] is None
+
+
+def test_the_threshold_comes_from_score_metrics_json_first(tmp_path):
+    run = make_run(tmp_path)
+    (run / "score").mkdir()
+    (run / "score" / "metrics.json").write_text(
+        json.dumps(
+            {
+                "threshold": {
+                    "method": "val_quantile",
+                    "quantile": 0.999,
+                    "value": 0.25,
+                    "reason": None,
+                }
+            }
+        )
+    )
+    found = export.find_threshold(run, profiles.resolve("synthetic-ae", sets=SETS))
+    assert found["value"] == 0.25 and found["source"].endswith("metrics.json")
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path, monkeypatch):
+    run = make_run(tmp_path, with_data=False)
+    with pytest.raises(
+        DefectaeError, match=r"--format 'tflite': expected torchscript, onnx or all"
+    ):
+        export.run(run, "tflite", int8=False, out=None)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DefectaeError, match=r"no best.pt or last.pt"):
+        export.run(tmp_path / "empty", "torchscript", int8=False, out=None)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    with pytest.raises(DefectaeError, match=r"pip install 'defectae\[export\]'"):
+        export.run(run, "all", int8=False, out=None)
+    assert not (run / "export").exists()
+
+
+def test_cli_unknown_format_exits_2_with_one_red_line(tmp_path):
+    run = make_run(tmp_path, with_data=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "defectae", "export", "--run", str(run), "--format", "tflite"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().count("\n") == 0 and "--format 'tflite'" in proc.stderr
+
+
+def test_metadata_helpers_round_trip_bytes():
+    model = export.Reconstruction(build_model("ae", 1, 16, {"latent_dim": 4})).eval()
+    x = torch.rand(2, 1, 16, 16)
+    data = export.torchscript_bytes(export.to_torchscript(model, x), {"a": 1})
+    module, meta = export.load_torchscript(data)
+    assert meta == {"a": 1} and torch.allclose(module(x), model(x))
+    onnx_bytes, _ = export.to_onnx(model, x, "patch", ["recon"])
+    assert export.onnx_metadata(export.with_onnx_metadata(onnx_bytes, {"b": 2})) == {"b": 2}
+    assert onnx.load(io.BytesIO(onnx_bytes)).graph.output[0].name == "recon"
