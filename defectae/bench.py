@@ -43,10 +43,11 @@ import numpy as np
 import torch
 from rich.table import Table
 from torch import nn
+from torch.utils.data import DataLoader
 
 from defectae import __version__, augment, console, export
 from defectae import device as devices
-from defectae.data.patch_store import create_patches, iterate_once, read_rate
+from defectae.data.patch_store import PatchDataset, create_patches, iterate_once, read_rate
 from defectae.data.prepared import PreparedSplit, write_prepared
 from defectae.files import write_text_atomic
 from defectae.inspector import Inspector
@@ -544,8 +545,37 @@ def silenced() -> Iterator[None]:
         console.mode.quiet = quiet
 
 
-def data_figures(fig: Figures, profile: Profile, plan: Plan, workdir: Path) -> None:
-    """augment patches/s on generated images, then the DataLoader's read rate on its patches.h5."""
+def loader_wait(
+    model: nn.Module, patches: Path, profile: Profile, plan: Plan, device: torch.device
+) -> float:
+    """Fraction of eager training step time spent waiting for the 2-worker DataLoader."""
+    batch = min(profile.train.batch_size, plan.augment_patches)
+    loader = DataLoader(
+        PatchDataset(patches, batch_size=batch), batch_size=None, shuffle=True, num_workers=2
+    )
+    result = train_throughput(
+        copy.deepcopy(model),
+        loader,
+        steps=plan.reps,
+        amp="off",
+        compile=False,
+        device=str(device),
+        loss=profile.loss,
+        warmup=plan.warmup,
+    )
+    return result["data_wait_fraction"]
+
+
+def data_figures(
+    fig: Figures,
+    model: nn.Module,
+    profile: Profile,
+    plan: Plan,
+    workdir: Path,
+    device: torch.device,
+) -> None:
+    """augment patches/s on generated images, the DataLoader's read rate on its patches.h5,
+    and the share of training step time spent waiting for that loader."""
     rng = np.random.default_rng(0)
     prepared = _prepared_images(workdir / f"{profile.name}-prepared.h5", profile, 8, rng)
     patches = workdir / f"{profile.name}-patches.h5"
@@ -570,7 +600,8 @@ def data_figures(fig: Figures, profile: Profile, plan: Plan, workdir: Path) -> N
     fig.values.update(read_batch_size=batch, read_workers=2, read_corruption=corruption.kind)
     if fig.measure("augment_patches_per_s", augment_rate) is None:
         fig.skip(
-            ("read_patches_per_s", "read_corrupted_patches_per_s"), "no patch file (augment failed)"
+            ("read_patches_per_s", "read_corrupted_patches_per_s", "train_data_wait_fraction"),
+            "no patch file (augment failed)",
         )
     else:
         fig.measure(
@@ -579,6 +610,9 @@ def data_figures(fig: Figures, profile: Profile, plan: Plan, workdir: Path) -> N
         fig.measure(
             "read_corrupted_patches_per_s",
             lambda: read_rate(patches, batch, 2, corruption, plan.read_seconds),
+        )
+        fig.measure(
+            "train_data_wait_fraction", lambda: loader_wait(model, patches, profile, plan, device)
         )
     prepared.unlink(missing_ok=True)
     patches.unlink(missing_ok=True)
@@ -641,7 +675,7 @@ def bench_profile(
             lambda: tile_figures(model, profile, plan, device),
         )
         bar.advance(task)
-        data_figures(fig, profile, plan, workdir)
+        data_figures(fig, model, profile, plan, workdir, device)
         bar.advance(task)
     fig.values["peak_rss_mb"] = peak_rss_mb()
     fig.values["peak_gpu_memory_mb"] = (
