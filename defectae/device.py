@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 
 import torch
@@ -63,6 +64,8 @@ def maybe_compile(model: nn.Module, enabled: bool) -> nn.Module:
     """
     if not enabled:
         return model
+    # the CUDA build of torch warns once, on a CPU-only machine, that it found no CUDA runtime
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     try:
         return torch.compile(model)  # type: ignore[return-value]
     except Exception as e:  # noqa: BLE001 - any backend failure means: run eagerly
