@@ -15,10 +15,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from builders import untrained_checkpoint
 from sklearn.metrics import roc_auc_score
 
 from defectae import export, profiles
-from defectae.checkpoint import load_model, save_checkpoint
+from defectae.checkpoint import load_checkpoint, load_model, save_checkpoint
 from defectae.data.patch_store import write_patches
 from defectae.data.prepared import PreparedSplit, write_prepared
 from defectae.errors import DefectaeError
@@ -68,21 +69,7 @@ def make_run(root: Path, sets: list[str] = SETS, with_data: bool = True) -> Path
     profile = profiles.resolve("synthetic-ae", sets=sets)
     run = root / "run"
     run.mkdir(parents=True)
-    state = {
-        "model": None,
-        "optimizer": {},
-        "scheduler": {},
-        "scaler": {},
-        "epoch": 1,
-        "step": 1,
-        "rng": {},
-        "profile": profiles.to_dict(profile),
-        "family": "ae",
-        "in_channels": 1,
-        "best_val": 0.0,
-    }
-    torch.manual_seed(0)
-    state["model"] = build_model("ae", 1, 32, profile.model.args).state_dict()
+    checkpoint = untrained_checkpoint(run, profile)
     if with_data:
         rng = np.random.default_rng(0)
         prepared = write_prepared(
@@ -103,11 +90,12 @@ def make_run(root: Path, sets: list[str] = SETS, with_data: bool = True) -> Path
             },
         )
         patches = rng.integers(0, 256, (16, 1, 32, 32), dtype=np.uint8)
+        state = load_checkpoint(checkpoint)
         state["patches"] = str(write_patches(root / "patches.h5", patches, patches, {"seed": 0}))
+        save_checkpoint(state, checkpoint)
         with h5py.File(run / "residuals.h5", "w") as f:
             f.attrs["prepared"] = str(prepared)
             f["validation/residuals"] = rng.random((3, 1, 64, 64)).astype(np.float16)
-    save_checkpoint(state, run / "best.pt")
     return run
 
 

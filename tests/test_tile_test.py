@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from builders import untrained_checkpoint
 from typer.testing import CliRunner
 
 from defectae import console, profiles, tile_test
-from defectae.checkpoint import load_model, save_checkpoint
+from defectae.checkpoint import load_model
 from defectae.cli import app
 from defectae.data.prepared import PreparedSplit, read_split, write_prepared
 from defectae.errors import DefectaeError
@@ -76,23 +77,7 @@ def _prepared(path: Path, channels: int = 1, size: int = 48) -> Path:
 
 
 def _checkpoint(run_dir: Path, profile: profiles.Profile) -> Path:
-    torch.manual_seed(0)
-    model = build_model("ae", 1, profile.model.input_size, profile.model.args)
-    state = {
-        "model": model.state_dict(),
-        "optimizer": {},
-        "scheduler": {},
-        "scaler": {},
-        "epoch": 1,
-        "step": 1,
-        "rng": {},
-        "profile": profiles.to_dict(profile),
-        "family": "ae",
-        "in_channels": 1,
-        "best_val": 0.0,
-    }
-    run_dir.mkdir(parents=True)
-    save_checkpoint(state, run_dir / "best.pt")
+    untrained_checkpoint(run_dir, profile)
     return run_dir
 
 
