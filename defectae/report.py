@@ -8,10 +8,11 @@ atomically.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import html
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,78 +89,51 @@ def write_curves(out_dir: Path, results: ScoreResults, max_fpr: float) -> dict[s
     """ROC, PR, PRO (and Rádli & Czúni's) curves as PNGs; returns {name: file name}."""
     m = results.metrics
     written: dict[str, str] = {}
+    fpr_axis = "false positive rate"
 
-    fig = Figure(figsize=(5, 4.2))
-    ax = fig.subplots()
-    _roc(ax, results.image_curve, "image", m["image_auroc"].value)
-    _roc(ax, results.pixel_curve, "pixel", m["pixel_auroc"].value)
-    ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
-    ax.set(
-        xlabel="false positive rate",
-        ylabel="true positive rate",
-        title="ROC",
-        xlim=(0, 1),
-        ylim=(0, 1.01),
-    )
-    _finish(fig, ax, out_dir / "roc.png", written, "roc")
+    with _curve(out_dir, "roc", "ROC", fpr_axis, "true positive rate", written) as ax:
+        _roc(ax, results.image_curve, "image", m["image_auroc"].value)
+        _roc(ax, results.pixel_curve, "pixel", m["pixel_auroc"].value)
+        ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
 
-    fig = Figure(figsize=(5, 4.2))
-    ax = fig.subplots()
-    _pr(ax, results.image_curve, "image", m["image_auprc"].value)
-    _pr(ax, results.pixel_curve, "pixel", m["pixel_auprc"].value)
-    ax.set(
-        xlabel="recall", ylabel="precision", title="precision-recall", xlim=(0, 1), ylim=(0, 1.01)
-    )
-    _finish(fig, ax, out_dir / "pr.png", written, "pr")
+    with _curve(out_dir, "pr", "precision-recall", "recall", "precision", written) as ax:
+        _pr(ax, results.image_curve, "image", m["image_auprc"].value)
+        _pr(ax, results.pixel_curve, "pixel", m["pixel_auprc"].value)
 
-    fig = Figure(figsize=(5, 4.2))
-    ax = fig.subplots()
-    pixel = results.pixel_curve
-    if pixel.pro is not None and pixel.n_neg > 0:
-        fpr, pro = pro_points(pixel)
-        ax.plot(
-            *_thin(fpr, pro),
-            label=f"PRO (AU-PRO@{max_fpr:g} {format_value(m['pixel_aupro'].value)})",
-        )
-        ax.axvline(max_fpr, color="0.5", lw=0.8, ls="--")
-    ax.set(
-        xlabel="false positive rate",
-        ylabel="per-region overlap",
-        title="PRO",
-        xlim=(0, 1),
-        ylim=(0, 1.01),
-    )
-    _finish(fig, ax, out_dir / "pro.png", written, "pro")
+    with _curve(out_dir, "pro", "PRO", fpr_axis, "per-region overlap", written) as ax:
+        pixel = results.pixel_curve
+        if pixel.pro is not None and pixel.n_neg > 0:
+            fpr, pro = pro_points(pixel)
+            label = f"PRO (AU-PRO@{max_fpr:g} {format_value(m['pixel_aupro'].value)})"
+            ax.plot(*_thin(fpr, pro), label=label)
+            ax.axvline(max_fpr, color="0.5", lw=0.8, ls="--")
 
-    if results.radli is not None and results.radli.n_images:
-        fig = Figure(figsize=(5, 4.2))
-        ax = fig.subplots()
-        r = results.radli
-        order = np.argsort(r.fpr, kind="stable")
-        ax.plot(
-            r.fpr[order],
-            r.tpr[order],
-            marker=".",
-            label=f"mean of {r.n_images} images (AUC {format_value(r.auc.value)})",
-        )
-        ax.set(
-            xlabel="mean FPR",
-            ylabel="mean TPR",
-            title="Rádli & Czúni (50 thresholds)",
-            xlim=(0, 1),
-            ylim=(0, 1.01),
-        )
-        _finish(fig, ax, out_dir / "radli.png", written, "radli")
+    r = results.radli
+    if r is not None and r.n_images:
+        title = "Rádli & Czúni (50 thresholds)"
+        with _curve(out_dir, "radli", title, "mean FPR", "mean TPR", written) as ax:
+            order = np.argsort(r.fpr, kind="stable")
+            label = f"mean of {r.n_images} images (AUC {format_value(r.auc.value)})"
+            ax.plot(r.fpr[order], r.tpr[order], marker=".", label=label)
     return written
 
 
-def _finish(fig: Figure, ax: Any, path: Path, written: dict[str, str], name: str) -> None:
+@contextlib.contextmanager
+def _curve(
+    out_dir: Path, name: str, title: str, xlabel: str, ylabel: str, written: dict[str, str]
+) -> Iterator[Any]:
+    """One curve figure on [0, 1] x [0, 1]: yields the axes, then adds the legend and saves NAME.png."""
+    fig = Figure(figsize=(5, 4.2))
+    ax = fig.subplots()
+    yield ax
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title, xlim=(0, 1), ylim=(0, 1.01))
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="lower right", fontsize=8)
     else:
         ax.text(0.5, 0.5, "undefined", ha="center", va="center", color="0.5")
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    path = out_dir / f"{name}.png"
     _save(fig, path)
     written[name] = path.name
 
