@@ -87,7 +87,7 @@ def prepare(
     ] = None,
 ) -> None:
     """Read a dataset and write one prepared HDF5 file (train / validation / test with masks)."""
-    from defectae import prepare as command
+    from defectae.commands import prepare as command
 
     _done(
         command.run(
@@ -113,7 +113,7 @@ def augment(
     out: Annotated[Optional[Path], typer.Option("--out", help="Output patches.h5.")] = None,
 ) -> None:
     """Sample augmented training and validation patches into an HDF5 patch dataset."""
-    from defectae import augment as command
+    from defectae.commands import augment as command
 
     _done(command.run(_profile(profile, sets, root), prepared=prepared, out=out))
 
@@ -137,7 +137,7 @@ def train(
     ] = False,
 ) -> None:
     """Train a model on the patch dataset (AMP, torch.compile, early stopping, resume, DDP)."""
-    from defectae import train as command
+    from defectae.commands import train as command
 
     prof = None if resume is not None and profile is None else _profile(profile, sets, root)
     _done(
@@ -170,7 +170,7 @@ def tile_test(
     ] = None,
 ) -> None:
     """Reconstruct every test and validation image by sliding window and write residual maps."""
-    from defectae import tile_test as command
+    from defectae.commands import tiletest as command
 
     _done(
         command.run(
@@ -201,7 +201,7 @@ def score(
     out: Annotated[Optional[Path], typer.Option("--out", help="Report folder.")] = None,
 ) -> None:
     """Compute image and pixel metrics and write metrics.json, figures and index.html."""
-    from defectae import score as command
+    from defectae.commands import score as command
 
     _done(
         command.run(
@@ -233,7 +233,7 @@ def export(
     ] = None,
 ) -> None:
     """Export the model and the whole-image inspector, verified against the eager model."""
-    from defectae import export as command
+    from defectae.commands import export as command
 
     _done(
         command.run(
@@ -260,7 +260,7 @@ def bench(
     ] = False,
 ) -> None:
     """Measure parameters, FLOPs, throughput, latency and memory; write bench.json."""
-    from defectae import bench as command
+    from defectae.commands import bench as command
 
     _done(command.run(profiles=profile or [], sets=sets or [], device=device, out=out, quick=quick))
 

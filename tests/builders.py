@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from defectae import profiles
-from defectae.checkpoint import save_checkpoint
 from defectae.models import build_model
+from defectae.stores.checkpoint import save_checkpoint
 
 
 def untrained_checkpoint(run_dir: Path, profile: profiles.Profile, name: str = "best.pt") -> Path:

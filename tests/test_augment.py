@@ -19,17 +19,10 @@ from scipy.ndimage import gaussian_filter
 from torch.utils.data import DataLoader
 from typer.testing import CliRunner
 
-from defectae import augment, console, profiles
+from defectae import console, profiles
+from defectae.commands import augment
 from defectae.data import augmentations as A
 from defectae.data import corruptions as C
-from defectae.data.patch_store import (
-    PatchDataset,
-    iterate_once,
-    open_patches,
-    read_rate,
-    write_patches,
-)
-from defectae.data.prepared import PreparedSplit, write_prepared
 from defectae.errors import DefectaeError
 from defectae.files import sha256_file
 from defectae.profiles.schema import (
@@ -39,6 +32,14 @@ from defectae.profiles.schema import (
     ModelConfig,
     Profile,
 )
+from defectae.stores.patches import (
+    PatchDataset,
+    iterate_once,
+    open_patches,
+    read_rate,
+    write_patches,
+)
+from defectae.stores.prepared import PreparedSplit, write_prepared
 
 # ----------------------------------------------------------------------------- fixtures
 

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from defectae import bench
+from defectae.commands import bench
 from defectae.errors import DefectaeError
 
 TINY = [

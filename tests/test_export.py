@@ -18,14 +18,15 @@ import torch
 from builders import untrained_checkpoint
 from sklearn.metrics import roc_auc_score
 
-from defectae import export, profiles
-from defectae.checkpoint import load_checkpoint, load_model, save_checkpoint
-from defectae.data.patch_store import write_patches
-from defectae.data.prepared import PreparedSplit, write_prepared
+from defectae import profiles
+from defectae.commands import export
+from defectae.core.inspector import Inspector
+from defectae.core.metrics import label_free_threshold
 from defectae.errors import DefectaeError
-from defectae.inspector import Inspector
-from defectae.metrics import label_free_threshold
 from defectae.models import build_model
+from defectae.stores.checkpoint import load_checkpoint, load_model, save_checkpoint
+from defectae.stores.patches import write_patches
+from defectae.stores.prepared import PreparedSplit, write_prepared
 
 SETS = [
     "model.input_size=32",

@@ -9,8 +9,8 @@ import pytest
 import torch
 from skimage.metrics import structural_similarity
 
+from defectae.core.losses import RECON, compute_losses, kl_weight, msssim_window, ssim_loss
 from defectae.errors import DefectaeError
-from defectae.losses import RECON, compute_losses, kl_weight, msssim_window, ssim_loss
 from defectae.profiles.schema import LossConfig
 
 

@@ -8,7 +8,7 @@ from scipy import ndimage
 from skimage.morphology import disk, opening
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from defectae import metrics as M
+from defectae.core import metrics as M
 from defectae.profiles.schema import ScoreConfig
 
 # ----------------------------------------------------------------------------- references

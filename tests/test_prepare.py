@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from defectae import prepare
+from defectae.commands import prepare
 from defectae.data import download as dl
 from defectae.data.images import read_image, read_mask, resize_mask
-from defectae.data.prepared import open_prepared, read_split
 from defectae.errors import DefectaeError
+from defectae.stores.prepared import open_prepared, read_split
 
 # ----------------------------------------------------------------------------- fixtures
 

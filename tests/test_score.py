@@ -13,12 +13,13 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from defectae import profiles, score, workspace
+from defectae import profiles, workspace
 from defectae.cli import app
-from defectae.data.prepared import PreparedSplit, write_prepared
+from defectae.commands import score
 from defectae.errors import DefectaeError
 from defectae.files import sha256_file
 from defectae.profiles import Profile
+from defectae.stores.prepared import PreparedSplit, write_prepared
 
 SIZE = 32
 TYPES = ["good", "good", "good", "hole", "hole", "scratch", "scratch"]

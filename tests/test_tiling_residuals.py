@@ -14,11 +14,11 @@ from skimage.metrics import structural_similarity
 from skimage.transform import resize
 from torch import nn
 
+from defectae.core.inspector import Inspector
+from defectae.core.residuals import image_scores, residual_map
+from defectae.core.tiling import extract_patches, fuse_patches, tile_origins
 from defectae.errors import DefectaeError
-from defectae.inspector import Inspector
 from defectae.profiles import TileConfig
-from defectae.residuals import image_scores, residual_map
-from defectae.tiling import extract_patches, fuse_patches, tile_origins
 
 # (H, W, size, stride): exact grids, (H - size) % stride != 0 borders, size == side, stride == size
 GRIDS = [

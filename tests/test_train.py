@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from defectae import profiles, train
-from defectae.checkpoint import load_checkpoint, load_model
-from defectae.data.patch_store import write_patches
+from defectae import profiles
+from defectae.commands import train
 from defectae.errors import DefectaeError
+from defectae.stores.checkpoint import load_checkpoint, load_model
+from defectae.stores.patches import write_patches
 
 PATCH, N_TRAIN, BATCH, EPOCHS = 16, 128, 16, 3
 STEPS = N_TRAIN // BATCH

@@ -15,11 +15,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from defectae.core.tiling import tile_origins
 from defectae.data.images import image_size
 from defectae.data.split import Listing, Sample, image_files, relative, require_dir
 from defectae.errors import DefectaeError
 from defectae.profiles.schema import DatasetConfig
-from defectae.tiling import tile_origins
 
 NAME = re.compile(r"^(\d+)_(\d+)_(\d+)$")
 MASK = re.compile(r"^(.+)_mask\d*$")

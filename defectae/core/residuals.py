@@ -17,9 +17,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from defectae.core.ssim import gaussian_kernel1d, separable_filter, ssim_map
 from defectae.errors import DefectaeError
 from defectae.profiles import TileConfig
-from defectae.ssim import gaussian_kernel1d, separable_filter, ssim_map
 
 RESIDUALS = ("ssim", "l2", "l1", "msssim")
 MSSSIM_SCALES = 3

@@ -16,13 +16,14 @@ import torch
 from builders import untrained_checkpoint
 from typer.testing import CliRunner
 
-from defectae import console, profiles, tile_test
-from defectae.checkpoint import load_model
+from defectae import console, profiles
 from defectae.cli import app
-from defectae.data.prepared import PreparedSplit, read_split, write_prepared
+from defectae.commands import tiletest
+from defectae.core.inspector import Inspector
 from defectae.errors import DefectaeError
-from defectae.inspector import Inspector
 from defectae.models import build_model
+from defectae.stores.checkpoint import load_model
+from defectae.stores.prepared import PreparedSplit, read_split, write_prepared
 
 SETS = [
     "model.input_size=32",
@@ -92,7 +93,7 @@ def setup(home):
 def test_tile_test_writes_the_residuals_contract(setup, tmp_path):
     profile, prepared, run_dir = setup
     maps = tmp_path / "maps"
-    summary = tile_test.run(profile, None, None, None, maps)
+    summary = tiletest.run(profile, None, None, None, maps)
     out = run_dir / "residuals.h5"
     assert (
         summary["residuals"] == str(out)
@@ -158,7 +159,7 @@ def test_profile_tile_settings_override_the_checkpoint(setup, tmp_path):
         "tile.stride=16",
     )
     out = tmp_path / "elsewhere" / "residuals.h5"
-    tile_test.run(override, run_dir, prepared, out, None)
+    tiletest.run(override, run_dir, prepared, out, None)
     with h5py.File(out, "r") as f:
         tile = json.loads(f.attrs["tile"])
         assert (tile["score"], tile["stride"]) == ("topk", 16)
@@ -171,31 +172,31 @@ def test_profile_tile_settings_override_the_checkpoint(setup, tmp_path):
 def test_tile_throughput_reports_rates():
     model = build_model("ae", 1, 32, {"latent_dim": 8}).eval()
     cfg = dataclasses.replace(_profile().tile, batch_size=64)
-    result = tile_test.tile_throughput(model, 64, 32, 16, cfg, 2, "cpu")
+    result = tiletest.tile_throughput(model, 64, 32, 16, cfg, 2, "cpu")
     assert result["images_per_s"] > 0 and 0 <= result["outside_model_share"] < 1
 
 
 def test_bad_inputs(setup, tmp_path, monkeypatch):
     profile, prepared, run_dir = setup
     with pytest.raises(DefectaeError, match="run folder not found"):
-        tile_test.run(None, tmp_path / "nope", prepared, None, None)
+        tiletest.run(None, tmp_path / "nope", prepared, None, None)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DefectaeError, match="no best.pt or last.pt"):
-        tile_test.run(None, tmp_path / "empty", prepared, None, None)
+        tiletest.run(None, tmp_path / "empty", prepared, None, None)
     with pytest.raises(
         DefectaeError, match="checkpoint has model.input_size = 32, the profile expects 64"
     ):
-        tile_test.run(_profile("model.input_size=64"), None, None, None, None)
+        tiletest.run(_profile("model.input_size=64"), None, None, None, None)
     with pytest.raises(DefectaeError, match="prepared file not found"):
-        tile_test.run(None, run_dir, tmp_path / "missing.h5", None, None)
+        tiletest.run(None, run_dir, tmp_path / "missing.h5", None, None)
     with pytest.raises(DefectaeError, match="channel"):
-        tile_test.run(None, run_dir, _prepared(tmp_path / "rgb.h5", channels=3), None, None)
+        tiletest.run(None, run_dir, _prepared(tmp_path / "rgb.h5", channels=3), None, None)
     with pytest.raises(DefectaeError, match="model.input_size 32: larger than the prepared images"):
-        tile_test.run(None, run_dir, _prepared(tmp_path / "small.h5", size=24), None, None)
+        tiletest.run(None, run_dir, _prepared(tmp_path / "small.h5", size=24), None, None)
     assert not (run_dir / "residuals.h5").exists()
     monkeypatch.setenv("DEFECTAE_HOME", str(tmp_path / "fresh"))
     with pytest.raises(DefectaeError, match="no training run"):
-        tile_test.run(profile, None, None, None, None)
+        tiletest.run(profile, None, None, None, None)
 
 
 def test_cli_json_summary_and_exit_code(setup, monkeypatch):

@@ -28,15 +28,15 @@ from PIL import Image
 from torch import nn
 
 from defectae import __version__, console, workspace
-from defectae.checkpoint import checkpoint_in, load_model
-from defectae.data.prepared import open_prepared, read_strings
+from defectae.core.inspector import Inspector
+from defectae.core.tiling import tile_origins
 from defectae.device import amp_dtype, autocast, compile_or_eager, resolve_device
 from defectae.errors import DefectaeError
 from defectae.files import atomic_path, sha256_file
-from defectae.inspector import Inspector
 from defectae.models import get_family
 from defectae.profiles import Profile, TileConfig, to_dict, write_profile
-from defectae.tiling import tile_origins
+from defectae.stores.checkpoint import checkpoint_in, load_model
+from defectae.stores.prepared import open_prepared, read_strings
 
 FORMAT = "defectae-residuals"
 FORMAT_VERSION = 1

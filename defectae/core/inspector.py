@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from defectae.core.residuals import image_scores, residual_map, residual_weights
+from defectae.core.tiling import extract_patches, fuse_patches, tile_origins
 from defectae.profiles import TileConfig
-from defectae.residuals import image_scores, residual_map, residual_weights
-from defectae.tiling import extract_patches, fuse_patches, tile_origins
 
 
 class Inspector(nn.Module):

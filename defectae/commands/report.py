@@ -21,8 +21,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
+from defectae.core.metrics import Curve, ScoreResults, pro_points
 from defectae.files import atomic_path, write_text_atomic
-from defectae.metrics import Curve, ScoreResults, pro_points
 
 METRIC_LABELS = {
     "image_auroc": "image AUROC",

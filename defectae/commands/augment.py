@@ -28,12 +28,12 @@ from defectae.data.augmentations import (
     sample_rng,
     spread_over_images,
 )
-from defectae.data.patch_store import chunk_rows, create_patches
-from defectae.data.prepared import open_prepared
 from defectae.errors import DefectaeError
 from defectae.files import sha256_file
 from defectae.profiles import Profile, to_dict, write_profile
 from defectae.profiles.schema import AugmentConfig
+from defectae.stores.patches import chunk_rows, create_patches
+from defectae.stores.prepared import open_prepared
 
 BLOCK_BYTES = 32 << 20  # patches made and written per block
 

@@ -45,18 +45,19 @@ from rich.table import Table
 from torch import nn
 from torch.utils.data import DataLoader
 
-from defectae import __version__, augment, console, export
+from defectae import __version__, console
 from defectae import device as devices
-from defectae.data.patch_store import PatchDataset, create_patches, iterate_once, read_rate
-from defectae.data.prepared import PreparedSplit, write_prepared
+from defectae.commands import augment, export
+from defectae.commands.tiletest import tile_throughput
+from defectae.commands.train import Objective, train_throughput
+from defectae.core.inspector import Inspector
+from defectae.core.metrics import au_pro, compute_all, label_regions, pixel_curve
 from defectae.files import write_text_atomic
-from defectae.inspector import Inspector
-from defectae.metrics import au_pro, compute_all, label_regions, pixel_curve
 from defectae.models import build_model, get_family
 from defectae.models.stats import count_parameters, flops_per_sample
 from defectae.profiles import CorruptionConfig, Profile, ScoreConfig, resolve, to_dict
-from defectae.tile_test import tile_throughput
-from defectae.train import Objective, train_throughput
+from defectae.stores.patches import PatchDataset, create_patches, iterate_once, read_rate
+from defectae.stores.prepared import PreparedSplit, write_prepared
 
 DEFAULT_PROFILES = ("synthetic-ae", "synthetic-vae8")
 DEFAULT_OUT = Path("bench") / "bench.json"

@@ -45,20 +45,20 @@ from torch.utils.data import DataLoader
 
 from defectae import console, profiles, workspace
 from defectae import device as devices
-from defectae.checkpoint import (
+from defectae.core.losses import compute_losses
+from defectae.core.ssim import ssim_map
+from defectae.errors import DefectaeError
+from defectae.files import write_text_atomic
+from defectae.models import build_model
+from defectae.profiles import LossConfig, Profile, TrainConfig
+from defectae.stores.checkpoint import (
     check_profile,
     load_checkpoint,
     load_weights,
     profile_of,
     save_checkpoint,
 )
-from defectae.data.patch_store import PatchDataset
-from defectae.errors import DefectaeError
-from defectae.files import write_text_atomic
-from defectae.losses import compute_losses
-from defectae.models import build_model
-from defectae.profiles import LossConfig, Profile, TrainConfig
-from defectae.ssim import ssim_map
+from defectae.stores.patches import PatchDataset
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 COMPILE_MODES = ("on", "off")

@@ -3,7 +3,7 @@
 Two artefacts per format, both from the run's checkpoint and both on the CPU:
     model.{pt,onnx}      (B, C, P, P) patch in [0, 1] -> "recon" (B, C, P, P)
     inspector.{pt,onnx}  (B, C, H, W) image in [0, 1] -> "residual" (B, 1, H, W), "score" (B,),
-                         "recon" (B, C, H, W): `defectae.inspector.Inspector`, so tiling, fusion
+                         "recon" (B, C, H, W): `defectae.core.inspector.Inspector`, so tiling, fusion
                          and the residual are the same code as tile-test, traced for H x W =
                          dataset.image_size.
 The batch axis is dynamic. Each file carries "defectae.json" (TorchScript: an extra file;
@@ -42,16 +42,16 @@ from rich.table import Table
 from torch import nn
 
 from defectae import __version__, console, workspace
-from defectae.checkpoint import checkpoint_in, load_model
-from defectae.data.patch_store import open_patches
-from defectae.data.prepared import open_prepared, read_strings
+from defectae.core.inspector import Inspector
+from defectae.core.metrics import compute_all, label_free_threshold
+from defectae.core.tiling import extract_patches
 from defectae.errors import DefectaeError
 from defectae.files import atomic_path, sha256_file, write_text_atomic
-from defectae.inspector import Inspector
-from defectae.metrics import compute_all, label_free_threshold
 from defectae.models import get_family
 from defectae.profiles import Profile, to_dict, write_profile
-from defectae.tiling import extract_patches
+from defectae.stores.checkpoint import checkpoint_in, load_model
+from defectae.stores.patches import open_patches
+from defectae.stores.prepared import open_prepared, read_strings
 
 FORMATS = ("torchscript", "onnx")
 SUFFIX = {"torchscript": ".pt", "onnx": ".onnx"}

@@ -20,11 +20,13 @@ import numpy as np
 from PIL import Image
 from rich.table import Table
 
-from defectae import __version__, console, metrics, profiles, report, workspace
-from defectae.data.prepared import file_attr_json, open_prepared, read_strings
+from defectae import __version__, console, profiles, workspace
+from defectae.commands import report
+from defectae.core import metrics
 from defectae.errors import DefectaeError
 from defectae.files import open_h5, sha256_file, write_text_atomic
 from defectae.profiles import Profile, ScoreConfig
+from defectae.stores.prepared import file_attr_json, open_prepared, read_strings
 
 FORMAT = "defectae-residuals"
 FORMAT_VERSION = 1

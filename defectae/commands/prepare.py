@@ -25,12 +25,12 @@ from defectae.data.download import download as fetch_dataset
 from defectae.data.folders import list_folders
 from defectae.data.images import read_image, read_mask, resize_image, resize_mask
 from defectae.data.mvtec import list_mvtec, list_mvtec3d
-from defectae.data.prepared import SPLITS, PreparedSplit, write_prepared
 from defectae.data.split import Listing, Sample, assign_splits
 from defectae.errors import DefectaeError
 from defectae.files import write_text_atomic
 from defectae.profiles import DatasetConfig, Profile
 from defectae.profiles.schema import SyntheticOptions
+from defectae.stores.prepared import SPLITS, PreparedSplit, write_prepared
 
 DEFAULT_MODEL = "ae"
 

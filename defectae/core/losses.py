@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from pytorch_msssim import ms_ssim, ssim
 
+from defectae.core.ssim import ssim_map
 from defectae.errors import DefectaeError
 from defectae.profiles.schema import LossConfig
-from defectae.ssim import ssim_map
 
 Tensor = torch.Tensor
 
