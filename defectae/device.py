@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterator
 
 import torch
@@ -99,3 +100,53 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
+
+
+def amp_name(dtype: torch.dtype | None) -> str:
+    """The AMP mode as reports name it: "bfloat16", "float16" or "off"."""
+    return str(dtype).replace("torch.", "") if dtype else "off"
+
+
+def rng_devices(device: torch.device) -> list[int]:
+    """The CUDA devices whose RNG `torch.random.fork_rng` must save for work on `device`."""
+    return [device.index or 0] if device.type == "cuda" else []
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued CUDA work, so that wall-clock timings are honest; a no-op on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def compile_for_training(model: nn.Module, enabled: bool, example: torch.Tensor) -> nn.Module:
+    """compile_or_eager with its trial forward in eval mode, leaving no trace: BatchNorm
+    statistics do not move and the RNG stream is untouched."""
+    if not enabled:
+        return model
+    model.eval()
+    with torch.random.fork_rng(devices=rng_devices(example.device)):
+        compiled = compile_or_eager(model, True, example)
+    model.train()
+    return compiled
+
+
+class TimedModel(nn.Module):
+    """A reconstruction model under autocast that adds up the wall time of its forward passes
+    (tile-test reports the share of time outside the model; bench measures it)."""
+
+    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.seconds = 0.0
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        synchronize(self.device)
+        start = time.perf_counter()
+        with autocast(self.device, self.dtype):
+            recon = self.model(x)["recon"]
+        recon = recon.float()
+        synchronize(self.device)
+        self.seconds += time.perf_counter() - start
+        return {"recon": recon}

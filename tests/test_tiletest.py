@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -21,7 +20,6 @@ from defectae.cli import app
 from defectae.commands import tiletest
 from defectae.core.inspector import Inspector
 from defectae.errors import DefectaeError
-from defectae.models import build_model
 from defectae.stores.checkpoint import load_model
 from defectae.stores.prepared import PreparedSplit, read_split, write_prepared
 
@@ -167,13 +165,6 @@ def test_profile_tile_settings_override_the_checkpoint(setup, tmp_path):
         assert np.all(f["test/scores"][()] <= f["test/residuals"][()].reshape(5, -1).max(1) + 1e-3)
     written = profiles.load_written(out.parent / "profile.toml")
     assert written.tile.score == "topk" and written.model.input_size == 32
-
-
-def test_tile_throughput_reports_rates():
-    model = build_model("ae", 1, 32, {"latent_dim": 8}).eval()
-    cfg = dataclasses.replace(_profile().tile, batch_size=64)
-    result = tiletest.tile_throughput(model, 64, 32, 16, cfg, 2, "cpu")
-    assert result["images_per_s"] > 0 and 0 <= result["outside_model_share"] < 1
 
 
 def test_bad_inputs(setup, tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ from defectae.commands import train
 from defectae.errors import DefectaeError
 from defectae.stores.checkpoint import load_checkpoint, load_model
 from defectae.stores.patches import write_patches
+from defectae.training import step
 
 PATCH, N_TRAIN, BATCH, EPOCHS = 16, 128, 16, 3
 STEPS = N_TRAIN // BATCH
@@ -256,7 +257,7 @@ def test_kill_9_mid_epoch_then_resume_matches_the_uninterrupted_run(reference, p
 
 
 def test_a_nan_loss_stops_with_epoch_and_step_and_keeps_the_checkpoints(patches, home, monkeypatch):
-    real, calls, before = train.compute_losses, [], {}
+    real, calls, before = step.compute_losses, [], {}
 
     def nan_at_epoch_3(out, target, cfg, epoch=0, corruption_mask=None):
         terms = real(out, target, cfg, epoch, corruption_mask)
@@ -268,7 +269,7 @@ def test_a_nan_loss_stops_with_epoch_and_step_and_keeps_the_checkpoints(patches,
                 terms["total"] = terms["total"] * float("nan")
         return terms
 
-    monkeypatch.setattr(train, "compute_losses", nan_at_epoch_3)
+    monkeypatch.setattr(step, "compute_losses", nan_at_epoch_3)
     with pytest.raises(DefectaeError, match=rf"epoch 3 step {2 * STEPS + 2} .*loss is nan"):
         train.run(make_profile(), patches=patches)
     run_dir = next((home / "runs" / "synthetic-ae").iterdir())

@@ -47,9 +47,8 @@ from torch.utils.data import DataLoader
 
 from defectae import __version__, console
 from defectae import device as devices
+from defectae.bench.probes import tile_throughput
 from defectae.commands import augment, export
-from defectae.commands.tiletest import tile_throughput
-from defectae.commands.train import Objective, train_throughput
 from defectae.core.inspector import Inspector
 from defectae.core.metrics import au_pro, compute_all, label_regions, pixel_curve
 from defectae.files import write_text_atomic
@@ -58,6 +57,8 @@ from defectae.models.stats import count_parameters, flops_per_sample
 from defectae.profiles import CorruptionConfig, Profile, ScoreConfig, resolve, to_dict
 from defectae.stores.patches import PatchDataset, create_patches, iterate_once, read_rate
 from defectae.stores.prepared import PreparedSplit, write_prepared
+from defectae.training.step import Objective
+from defectae.training.throughput import train_throughput
 
 DEFAULT_PROFILES = ("synthetic-ae", "synthetic-vae8")
 DEFAULT_OUT = Path("bench") / "bench.json"

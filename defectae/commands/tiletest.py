@@ -25,12 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 
 from defectae import __version__, console, workspace
-from defectae.core.inspector import Inspector
+from defectae import device as devices
+from defectae.core.inspector import Inspector, inspect_uint8
 from defectae.core.tiling import tile_origins
-from defectae.device import amp_dtype, autocast, compile_or_eager, resolve_device
+from defectae.device import amp_dtype, compile_or_eager, resolve_device
 from defectae.errors import DefectaeError
 from defectae.files import atomic_path, sha256_file
 from defectae.models import get_family
@@ -44,32 +44,6 @@ SPLITS = ("test", "validation")
 COPIED = ("names", "defect_types", "labels", "files", "orig_sizes")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class TimedModel(nn.Module):
-    """The model under the tile-test autocast, adding up the wall time of its forward passes."""
-
-    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype | None) -> None:
-        super().__init__()
-        self.model = model
-        self.device = device
-        self.dtype = dtype
-        self.seconds = 0.0
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        _sync(self.device)
-        start = time.perf_counter()
-        with autocast(self.device, self.dtype):
-            recon = self.model(x)["recon"]
-        recon = recon.float()
-        _sync(self.device)
-        self.seconds += time.perf_counter() - start
-        return {"recon": recon}
-
-
 def _images_per_step(
     tile: TileConfig, image_hw: tuple[int, int], patch: int, whole_image: bool
 ) -> int:
@@ -80,55 +54,6 @@ def _images_per_step(
         tile_origins(image_hw[1], patch, tile.stride)
     )
     return max(1, tile.batch_size // per_image)
-
-
-def _inspect(
-    inspector: Inspector, images: np.ndarray, device: torch.device
-) -> tuple[torch.Tensor, ...]:
-    """uint8 (B, C, H, W) images -> residual (float32), score, uint8 recon, all on the CPU."""
-    x = torch.from_numpy(images).to(device).float().div_(255.0)
-    residual, score, recon = inspector(x)
-    recon8 = recon.clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
-    return residual.cpu(), score.float().cpu(), recon8.cpu()
-
-
-def tile_throughput(
-    model: nn.Module,
-    image_size: int | tuple[int, int],
-    patch_size: int,
-    stride: int,
-    tile_cfg: TileConfig,
-    n_images: int,
-    device: str | torch.device = "cpu",
-    channels: int = 1,
-    whole_image: bool = False,
-    amp: torch.dtype | None = None,
-) -> dict[str, float]:
-    """tile-test speed on random images (no file I/O): images/s and the share outside the model.
-
-    One warm-up image is excluded; the outside share covers patching, fusion, residual, score
-    and the copies back to the CPU.
-    """
-    device = torch.device(device)
-    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
-    timed = TimedModel(model.to(device).eval(), device, amp)
-    inspector = Inspector(timed, patch_size, stride, tile_cfg, whole_image, tile_cfg.batch_size)
-    images = np.random.default_rng(0).integers(0, 256, (1, channels, h, w), dtype=np.uint8)
-    with torch.inference_mode():
-        _inspect(inspector, images, device)
-        timed.seconds = 0.0
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(n_images):
-            _inspect(inspector, images, device)
-        _sync(device)
-        seconds = time.perf_counter() - start
-    return {
-        "images_per_s": n_images / seconds,
-        "outside_model_share": 1.0 - timed.seconds / seconds,
-        "seconds": seconds,
-        "model_seconds": timed.seconds,
-    }
 
 
 def _export_map(
@@ -184,7 +109,7 @@ def _write_split(
         orig = src[f"{split}/orig_sizes"][()]
     for start in range(0, n, step):
         stop = min(n, start + step)
-        residual, score, recon = _inspect(inspector, images[start:stop], device)
+        residual, score, recon = inspect_uint8(inspector, images[start:stop], device)
         residuals[start:stop] = residual.half().numpy()
         scores[start:stop] = score.numpy()
         if recons is not None:
@@ -239,7 +164,7 @@ def run(
             tile.compile,
             torch.zeros(min(tile.batch_size, 8), channels, patch, patch, device=device),
         )
-        timed = TimedModel(model, device, dtype)
+        timed = devices.TimedModel(model, device, dtype)
         inspector = Inspector(timed, patch, tile.stride, tile, whole_image, tile.batch_size)
         step = _images_per_step(tile, (h, w), patch, whole_image)
         total = sum(src[f"{s}/images"].shape[0] for s in SPLITS)

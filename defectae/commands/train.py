@@ -30,9 +30,8 @@ import json
 import math
 import os
 import random
-import resource
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +44,10 @@ from torch.utils.data import DataLoader
 
 from defectae import console, profiles, workspace
 from defectae import device as devices
-from defectae.core.losses import compute_losses
-from defectae.core.ssim import ssim_map
 from defectae.errors import DefectaeError
 from defectae.files import write_text_atomic
 from defectae.models import build_model
-from defectae.profiles import LossConfig, Profile, TrainConfig
+from defectae.profiles import Profile, TrainConfig
 from defectae.stores.checkpoint import (
     check_profile,
     load_checkpoint,
@@ -59,154 +56,19 @@ from defectae.stores.checkpoint import (
     save_checkpoint,
 )
 from defectae.stores.patches import PatchDataset
+from defectae.training.step import (
+    Objective,
+    epoch_order,
+    lr_factor,
+    make_optimizer,
+    term_name,
+    train_step,
+    validate,
+)
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 COMPILE_MODES = ("on", "off")
 Tensor = torch.Tensor
-
-
-# ----------------------------------------------------------------------------- pieces of a step
-
-
-class Objective(nn.Module):
-    """The training loss of one batch: the model's own objective (diffusion) or `compute_losses`.
-
-    One module, so that DDP wraps the whole loss computation (its gradient hooks need forward).
-    """
-
-    def __init__(self, model: nn.Module, loss: LossConfig) -> None:
-        super().__init__()
-        self.model, self.loss = model, loss
-        self.own = hasattr(devices.unwrap(model), "training_losses")
-
-    def forward(
-        self, clean: Tensor, inputs: Tensor, mask: Tensor | None, epoch: int
-    ) -> dict[str, Tensor]:
-        if self.own:
-            return devices.unwrap(self.model).training_losses(clean)
-        return compute_losses(self.model(inputs), clean, self.loss, epoch, corruption_mask=mask)
-
-
-def train_step(
-    objective: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    batch: dict[str, Tensor],
-    *,
-    epoch: int,
-    device: torch.device,
-    dtype: torch.dtype | None,
-    grad_clip: float = 0.0,
-    corrupted: bool = False,
-    world: int = 1,
-) -> tuple[dict[str, Tensor], float, Tensor]:
-    """One optimizer step; returns the detached terms, the global mean loss and the gradient norm.
-
-    A non-finite loss raises FloatingPointError before backward, so no weight sees it.
-    """
-    clean = batch["clean"].to(device, non_blocking=True)  # (B, C, P, P)
-    inputs = batch["input"].to(device, non_blocking=True) if corrupted else clean
-    mask = batch["mask"].to(device, non_blocking=True) if corrupted else None
-    with devices.autocast(device, dtype):
-        terms = objective(clean, inputs, mask, epoch - 1)  # the losses count epochs from 0
-    loss = terms["total"].detach().float()
-    if world > 1:
-        loss = loss.clone()
-        dist.all_reduce(loss)
-        loss /= world
-    value = loss.item()
-    if not math.isfinite(value):
-        raise FloatingPointError(value)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(terms["total"]).backward()
-    scaler.unscale_(optimizer)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
-    scaler.step(optimizer)
-    scaler.update()
-    return {k: v.detach().float() for k, v in terms.items()}, value, norm.detach()
-
-
-@torch.no_grad()
-def validate(
-    model: nn.Module,
-    batches: Iterable[dict[str, Tensor]],
-    loss: LossConfig,
-    epoch: int,
-    device: torch.device,
-    dtype: torch.dtype | None,
-    world: int = 1,
-) -> dict[str, float]:
-    """Patch-weighted means of every loss term and of the SSIM index ("ssim") over the validation patches.
-
-    Eval mode, no grad, clean inputs; stochastic terms use a fixed seed so epochs compare fairly.
-    """
-    own = Objective(model, loss).own
-    sums: dict[str, Tensor] = {}
-    model.eval()
-    with torch.random.fork_rng(devices=_rng_devices(device)):
-        torch.manual_seed(0)
-        for batch in batches:
-            x = batch["clean"].to(device, non_blocking=True)  # (B, C, P, P)
-            with devices.autocast(device, dtype):
-                out = model(x)
-                terms = (
-                    devices.unwrap(model).training_losses(x)
-                    if own
-                    else compute_losses(out, x, loss, epoch - 1)
-                )
-            terms = {term_name(k): v for k, v in terms.items()}
-            terms["ssim"] = ssim_map(
-                out["recon"].float().clamp(0, 1), x, window=loss.ssim_window
-            ).mean()
-            for key, value in terms.items():
-                sums[key] = sums.get(key, 0.0) + value.detach().double() * x.shape[0]
-            sums["count"] = sums.get("count", 0.0) + torch.tensor(
-                float(x.shape[0]), dtype=torch.float64, device=device
-            )
-    model.train()
-    keys = sorted(sums)
-    packed = torch.stack(
-        [torch.as_tensor(sums[k], dtype=torch.float64, device=device) for k in keys]
-    )
-    if world > 1:
-        dist.all_reduce(packed)
-    values = dict(zip(keys, packed.tolist(), strict=True))
-    count = values.pop("count")
-    return {k: v / count for k, v in values.items()}
-
-
-def term_name(key: str) -> str:
-    """The logged name of a loss term: the 1 - SSIM term is "ssim_term", "ssim" is the mean SSIM index."""
-    return "ssim_term" if key == "ssim" else key
-
-
-def epoch_order(seed: int, epoch: int, steps: int, world: int = 1, rank: int = 0) -> list[int]:
-    """The sub-batch indices rank `rank` reads in `epoch`: a seeded shuffle of the global batches."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return [int(b) * world + rank for b in torch.randperm(steps, generator=g)]
-
-
-def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
-    """The learning-rate multiplier at optimizer step `step` (0-based)."""
-    warm, total = cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        if cfg.scheduler == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
-        if cfg.scheduler == "step":
-            return cfg.gamma ** ((step // steps_per_epoch) // cfg.step_size)
-        return 1.0
-
-    return factor
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam (L2 weight decay) or AdamW (decoupled weight decay)."""
-    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 # ----------------------------------------------------------------------------- the command
@@ -304,7 +166,7 @@ def _fit(
     model = build_model(
         profile.model.family, profile.dataset.channels, profile.model.input_size, profile.model.args
     )
-    model = _compile(model.to(dev), compile, val_set[0]["clean"].to(dev))
+    model = devices.compile_for_training(model.to(dev), compile, val_set[0]["clean"].to(dev))
     compiled = model is not devices.unwrap(model)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
@@ -375,7 +237,7 @@ def _fit(
         console.info(f"tensorboard --logdir {run_dir / 'tensorboard'}")
         console.info(
             f"{profile.model.family} on {dev}, {world} process(es), batch {cfg.batch_size}, "
-            f"{steps_per_epoch} steps/epoch, amp {_amp_name(dtype)}, {'compiled' if compiled else 'eager'}"
+            f"{steps_per_epoch} steps/epoch, amp {devices.amp_name(dtype)}, {'compiled' if compiled else 'eager'}"
         )
     if state is None:
         save("last.pt")
@@ -517,7 +379,7 @@ def _fit(
         "batch_size": cfg.batch_size,
         "device": str(dev),
         "world_size": world,
-        "amp": _amp_name(dtype),
+        "amp": devices.amp_name(dtype),
         "compiled": compiled,
         "val": val,
         "patches_per_s": metrics[-1]["patches_per_s"] if metrics else None,
@@ -525,10 +387,6 @@ def _fit(
 
 
 # ----------------------------------------------------------------------------- setup helpers
-
-
-def _amp_name(dtype: torch.dtype | None) -> str:
-    return str(dtype).replace("torch.", "") if dtype else "off"
 
 
 def _choice(flag: str, value: str | None, choices: tuple[str, ...]) -> str | None:
@@ -626,18 +484,6 @@ def _read_metrics(path: Path, upto: int) -> list[dict[str, Any]]:
     ]
 
 
-def _compile(model: nn.Module, enabled: bool, example: Tensor) -> nn.Module:
-    """compile_or_eager with its trial forward in eval mode (the validation graph), leaving no trace:
-    BatchNorm statistics do not move and the RNG stream is untouched."""
-    if not enabled:
-        return model
-    model.eval()
-    with torch.random.fork_rng(devices=_rng_devices(example.device)):
-        compiled = devices.compile_or_eager(model, True, example)
-    model.train()
-    return compiled
-
-
 def _mean_over_ranks(sums: dict[str, Tensor], steps: int, world: int) -> dict[str, float]:
     keys = sorted(sums)
     packed = torch.stack([sums[k] for k in keys]).double()
@@ -692,10 +538,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _rng_devices(dev: torch.device) -> list[int]:
-    return [dev.index or 0] if dev.type == "cuda" else []
 
 
 def _rng_state(dev: torch.device) -> dict[str, Any]:
@@ -799,7 +641,7 @@ def _find_batch_size(
         "cap": cap,
         "cap_reason": why,
         "device": str(dev),
-        "amp": _amp_name(dtype),
+        "amp": devices.amp_name(dtype),
     }
 
 
@@ -828,69 +670,3 @@ def _saved_bytes_per_patch(
     ):
         objective(x, x, None, 0)["total"]
     return max(1, total // 2 + 2 * x[0].numel() * 4)
-
-
-def train_throughput(
-    model: nn.Module,
-    data: Tensor | Iterable[dict[str, Tensor]],
-    steps: int = 20,
-    amp: str = "off",
-    compile: bool = False,
-    device: str = "cpu",
-    loss: LossConfig | None = None,
-    warmup: int = 3,
-) -> dict[str, Any]:
-    """Training throughput of real steps (forward, loss, backward, Adam) for `make bench`.
-
-    `data` is one (B, C, P, P) batch reused every step, or an iterable of PatchDataset
-    batches (e.g. a DataLoader), cycled; returns patches/s, the fraction of time spent
-    waiting for data, and peak memory. Trains `model` in place.
-    """
-    dev = devices.resolve_device(device)
-    dtype = devices.amp_dtype(dev, amp)
-    model = model.to(dev).train()
-    batches = _cycle(data)
-    first = next(batches)
-    model = _compile(model, compile, first["clean"].to(dev))
-    objective = Objective(model, loss or LossConfig())
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    scaler = torch.amp.GradScaler(dev.type, enabled=devices.needs_grad_scaler(dtype))
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
-    batch, patches, wait = first, 0, 0.0
-    for i in range(warmup + steps):
-        if i == warmup:
-            sync()
-            start, patches, wait = time.perf_counter(), 0, 0.0
-        train_step(objective, optimizer, scaler, batch, epoch=1, device=dev, dtype=dtype)
-        patches += batch["clean"].shape[0]
-        t = time.perf_counter()
-        batch = next(batches)
-        wait += time.perf_counter() - t
-    sync()
-    seconds = time.perf_counter() - start
-    peak = (
-        torch.cuda.max_memory_allocated(dev)
-        if dev.type == "cuda"
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    )
-    return {
-        "patches_per_s": patches / seconds,
-        "data_wait_fraction": wait / seconds,
-        "peak_memory_mb": peak / 2**20,
-        "compiled": model is not devices.unwrap(model),
-        "amp": _amp_name(dtype),
-    }
-
-
-def _cycle(data: Tensor | Iterable[dict[str, Tensor]]) -> Iterator[dict[str, Tensor]]:
-    if isinstance(data, Tensor):
-        while True:
-            yield {"clean": data, "input": data, "mask": torch.zeros_like(data[:, :1])}
-    while True:
-        yield from data

@@ -8,6 +8,7 @@ reconstruction resized back, so the residual is always at the image's own resolu
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -71,3 +72,13 @@ class Inspector(nn.Module):
             recon = fuse_patches(self.reconstruct(patches), (h, w), size, self.stride)
         residual = residual_map(x, recon, self.tile_cfg)
         return residual, image_scores(residual, self.tile_cfg), recon
+
+
+def inspect_uint8(
+    inspector: Inspector, images: np.ndarray, device: torch.device
+) -> tuple[torch.Tensor, ...]:
+    """uint8 (B, C, H, W) images -> residual (float32), score, uint8 recon, all on the CPU."""
+    x = torch.from_numpy(images).to(device).float().div_(255.0)
+    residual, score, recon = inspector(x)
+    recon8 = recon.clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
+    return residual.cpu(), score.float().cpu(), recon8.cpu()

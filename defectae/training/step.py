@@ -1,0 +1,158 @@
+"""One training step, validation, the data order and the learning-rate schedule: the loop's pure parts."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from defectae import device as devices
+from defectae.core.losses import compute_losses
+from defectae.core.ssim import ssim_map
+from defectae.profiles import LossConfig, TrainConfig
+
+Tensor = torch.Tensor
+
+
+class Objective(nn.Module):
+    """The training loss of one batch: the model's own objective (diffusion) or `compute_losses`.
+
+    One module, so that DDP wraps the whole loss computation (its gradient hooks need forward).
+    """
+
+    def __init__(self, model: nn.Module, loss: LossConfig) -> None:
+        super().__init__()
+        self.model, self.loss = model, loss
+        self.own = hasattr(devices.unwrap(model), "training_losses")
+
+    def forward(
+        self, clean: Tensor, inputs: Tensor, mask: Tensor | None, epoch: int
+    ) -> dict[str, Tensor]:
+        if self.own:
+            return devices.unwrap(self.model).training_losses(clean)
+        return compute_losses(self.model(inputs), clean, self.loss, epoch, corruption_mask=mask)
+
+
+def train_step(
+    objective: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    batch: dict[str, Tensor],
+    *,
+    epoch: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    grad_clip: float = 0.0,
+    corrupted: bool = False,
+    world: int = 1,
+) -> tuple[dict[str, Tensor], float, Tensor]:
+    """One optimizer step; returns the detached terms, the global mean loss and the gradient norm.
+
+    A non-finite loss raises FloatingPointError before backward, so no weight sees it.
+    """
+    clean = batch["clean"].to(device, non_blocking=True)  # (B, C, P, P)
+    inputs = batch["input"].to(device, non_blocking=True) if corrupted else clean
+    mask = batch["mask"].to(device, non_blocking=True) if corrupted else None
+    with devices.autocast(device, dtype):
+        terms = objective(clean, inputs, mask, epoch - 1)  # the losses count epochs from 0
+    loss = terms["total"].detach().float()
+    if world > 1:
+        loss = loss.clone()
+        dist.all_reduce(loss)
+        loss /= world
+    value = loss.item()
+    if not math.isfinite(value):
+        raise FloatingPointError(value)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(terms["total"]).backward()
+    scaler.unscale_(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+    scaler.step(optimizer)
+    scaler.update()
+    return {k: v.detach().float() for k, v in terms.items()}, value, norm.detach()
+
+
+@torch.no_grad()
+def validate(
+    model: nn.Module,
+    batches: Iterable[dict[str, Tensor]],
+    loss: LossConfig,
+    epoch: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    world: int = 1,
+) -> dict[str, float]:
+    """Patch-weighted means of every loss term and of the SSIM index ("ssim") over the validation patches.
+
+    Eval mode, no grad, clean inputs; stochastic terms use a fixed seed so epochs compare fairly.
+    """
+    own = Objective(model, loss).own
+    sums: dict[str, Tensor] = {}
+    model.eval()
+    with torch.random.fork_rng(devices=devices.rng_devices(device)):
+        torch.manual_seed(0)
+        for batch in batches:
+            x = batch["clean"].to(device, non_blocking=True)  # (B, C, P, P)
+            with devices.autocast(device, dtype):
+                out = model(x)
+                terms = (
+                    devices.unwrap(model).training_losses(x)
+                    if own
+                    else compute_losses(out, x, loss, epoch - 1)
+                )
+            terms = {term_name(k): v for k, v in terms.items()}
+            terms["ssim"] = ssim_map(
+                out["recon"].float().clamp(0, 1), x, window=loss.ssim_window
+            ).mean()
+            for key, value in terms.items():
+                sums[key] = sums.get(key, 0.0) + value.detach().double() * x.shape[0]
+            sums["count"] = sums.get("count", 0.0) + torch.tensor(
+                float(x.shape[0]), dtype=torch.float64, device=device
+            )
+    model.train()
+    keys = sorted(sums)
+    packed = torch.stack(
+        [torch.as_tensor(sums[k], dtype=torch.float64, device=device) for k in keys]
+    )
+    if world > 1:
+        dist.all_reduce(packed)
+    values = dict(zip(keys, packed.tolist(), strict=True))
+    count = values.pop("count")
+    return {k: v / count for k, v in values.items()}
+
+
+def term_name(key: str) -> str:
+    """The logged name of a loss term: the 1 - SSIM term is "ssim_term", "ssim" is the mean SSIM index."""
+    return "ssim_term" if key == "ssim" else key
+
+
+def epoch_order(seed: int, epoch: int, steps: int, world: int = 1, rank: int = 0) -> list[int]:
+    """The sub-batch indices rank `rank` reads in `epoch`: a seeded shuffle of the global batches."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return [int(b) * world + rank for b in torch.randperm(steps, generator=g)]
+
+
+def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """The learning-rate multiplier at optimizer step `step` (0-based)."""
+    warm, total = cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+        if cfg.scheduler == "step":
+            return cfg.gamma ** ((step // steps_per_epoch) // cfg.step_size)
+        return 1.0
+
+    return factor
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam (L2 weight decay) or AdamW (decoupled weight decay)."""
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
