@@ -132,7 +132,7 @@ def test_all_artefacts_round_trip_within_tolerance_at_a_new_batch_size(exported)
     patches, images = torch.rand(5, 1, 32, 32, generator=g), torch.rand(4, 1, 64, 64, generator=g)
     with torch.no_grad():
         want_recon = model(patches)["recon"]
-        want = Inspector(model, 32, 16, tile, False, 0)(images)
+        want = Inspector(model, patch_size=32, **tile.inspector_options())(images)
 
     ts_model, _ = _load_ts(out / "model.pt")
     ts_inspector, _ = _load_ts(out / "inspector.pt")
@@ -154,7 +154,8 @@ def test_metadata_holds_preprocessing_and_the_validation_threshold(exported):
     out = run / "export"
     with h5py.File(run / "residuals.h5", "r") as f:
         expected = label_free_threshold(
-            f["validation/residuals"][()], profiles.resolve("synthetic-ae", sets=SETS).score
+            f["validation/residuals"][()],
+            **profiles.resolve("synthetic-ae", sets=SETS).score.threshold_options(),
         )
     assert summary["threshold"]["value"] == pytest.approx(expected.value)
 
@@ -189,12 +190,15 @@ def test_int8_reports_auroc_changes_against_an_independent_fp32_auroc(exported):
     assert q["quantization"].startswith("static") and q["test_images"] == len(TYPES)
     for name in ("image_auroc", "pixel_auroc"):
         assert q[f"{name}_delta"] == pytest.approx(q[f"{name}_int8"] - q[f"{name}_fp32"])
-    model, profile, _ = load_model(run / "best.pt")
+    model, _, _ = load_model(run / "best.pt")
+    tile = profiles.resolve("synthetic-ae", sets=SETS).tile
     with h5py.File(run.parent / "prepared.h5", "r") as f:
         images = torch.from_numpy(f["test/images"][()]).float() / 255
         labels = f["test/labels"][()]
     with torch.no_grad():
-        scores = Inspector(model, 32, 16, profile.tile, False, 32)(images)[1]
+        scores = Inspector(model, patch_size=32, batch_size=32, **tile.inspector_options())(images)[
+            1
+        ]
     assert q["image_auroc_fp32"] == pytest.approx(roc_auc_score(labels, scores.numpy()))
     _, meta = _load_ts(run / "export" / "model_int8.pt")
     assert meta["precision"] == "int8" and meta["quantization"] == q["quantization"]

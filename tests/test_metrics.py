@@ -9,7 +9,6 @@ from skimage.morphology import disk, opening
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from defectae.core import metrics as M
-from defectae.profiles.schema import ScoreConfig
 
 # ----------------------------------------------------------------------------- references
 
@@ -224,11 +223,8 @@ def test_threshold_quantile_and_target_fpr():
 
 def test_label_free_threshold_follows_the_config():
     val = np.arange(1000, dtype=np.float32)
-    assert (
-        M.label_free_threshold(val, ScoreConfig(threshold="val_fpr", target_fpr=0.01)).value
-        == 990.0
-    )
-    assert M.label_free_threshold(val, ScoreConfig(quantile=0.5)).value == pytest.approx(499.5)
+    assert M.label_free_threshold(val, threshold="val_fpr", target_fpr=0.01).value == 990.0
+    assert M.label_free_threshold(val, quantile=0.5).value == pytest.approx(499.5)
 
 
 # ----------------------------------------------------------------------------- undefined metrics
@@ -237,7 +233,7 @@ def test_label_free_threshold_follows_the_config():
 def test_undefined_metrics_carry_a_reason():
     maps = np.random.default_rng(5).random((3, 8, 8)).astype(np.float32)
     no_defects = M.compute_all(
-        maps, np.zeros((3, 8, 8), bool), np.array([0.1, 0.2, 0.3]), np.zeros(3), None, ScoreConfig()
+        maps, np.zeros((3, 8, 8), bool), np.array([0.1, 0.2, 0.3]), np.zeros(3), None
     )
     for name in (
         "image_auroc",
@@ -255,7 +251,7 @@ def test_undefined_metrics_carry_a_reason():
     assert no_defects.per_type == {}
 
     all_defect = M.compute_all(
-        maps, np.ones((3, 8, 8), bool), np.array([0.1, 0.2, 0.3]), np.ones(3), maps, ScoreConfig()
+        maps, np.ones((3, 8, 8), bool), np.array([0.1, 0.2, 0.3]), np.ones(3), maps
     )
     assert all_defect.metrics["pixel_auroc"].reason == "no defect-free pixels"
     assert all_defect.metrics["pixel_aupro"].reason == "no defect-free pixels"
@@ -279,7 +275,7 @@ def test_compute_all_scores_each_type_with_the_good_images(dtype):
     scores = maps.reshape(6, -1).max(axis=1)
     types = ["good", "good", "hole", "hole", "scratch", "scratch"]
     labels[:2] = False
-    result = M.compute_all(maps, masks, scores, labels, maps[:2], ScoreConfig(), types)
+    result = M.compute_all(maps, masks, scores, labels, maps[:2], defect_types=types)
     assert set(result.per_type) == {"hole", "scratch"}
     sel = [0, 1, 4, 5]
     assert result.per_type["scratch"]["pixel_auroc"].value == pytest.approx(

@@ -102,7 +102,7 @@ def test_tile_test_writes_the_residuals_contract(setup, tmp_path):
     assert (run_dir / "profile.toml").is_file()
 
     model, _, _ = load_model(run_dir / "best.pt")
-    inspector = Inspector(model, 32, 12, profile.tile, False, 18)
+    inspector = Inspector(model, patch_size=32, batch_size=18, **profile.tile.inspector_options())
     with h5py.File(out, "r") as f:
         assert f.attrs["format"] == "defectae-residuals" and f.attrs["format_version"] == 1
         assert (

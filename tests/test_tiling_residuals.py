@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 
@@ -18,7 +17,6 @@ from defectae.core.inspector import Inspector
 from defectae.core.residuals import image_scores, residual_map
 from defectae.core.tiling import extract_patches, fuse_patches, tile_origins
 from defectae.errors import DefectaeError
-from defectae.profiles import TileConfig
 
 # (H, W, size, stride): exact grids, (H - size) % stride != 0 borders, size == side, stride == size
 GRIDS = [
@@ -48,8 +46,7 @@ class TinyAE(nn.Module):
         return {"recon": torch.sigmoid(self.net(x))}
 
 
-def cfg(**changes) -> TileConfig:
-    return dataclasses.replace(TileConfig(), **changes)
+L1 = {"residual": {"l1": 1.0}}
 
 
 # ----------------------------------------------------------------------------- tiling
@@ -138,7 +135,7 @@ def test_ssim_residual_matches_skimage_gaussian():
         data_range=1.0,
         full=True,
     )
-    got = residual_map(torch.from_numpy(x)[None, None], torch.from_numpy(y)[None, None], cfg())
+    got = residual_map(torch.from_numpy(x)[None, None], torch.from_numpy(y)[None, None])
     assert got.shape == (1, 1, 40, 52) and got.dtype == torch.float32
     np.testing.assert_allclose(got[0, 0].numpy(), 1 - s, atol=1e-4)
 
@@ -159,8 +156,8 @@ def test_ssim_residual_matches_skimage_uniform_rgb():
         K1=0.02,
         K2=0.05,
     )
-    c = cfg(ssim_gaussian=False, ssim_window=7, ssim_k1=0.02, ssim_k2=0.05)
-    got = residual_map(torch.from_numpy(x)[None], torch.from_numpy(y)[None], c)
+    c = {"ssim_gaussian": False, "ssim_window": 7, "ssim_k1": 0.02, "ssim_k2": 0.05}
+    got = residual_map(torch.from_numpy(x)[None], torch.from_numpy(y)[None], **c)
     np.testing.assert_allclose(got[0, 0].numpy(), 1 - s.mean(0), atol=1e-4)
 
 
@@ -171,12 +168,12 @@ def test_l1_l2_and_weighted_combination():
         rng.random((2, 3, 16, 17)).astype(np.float32),
     )
     tx, ty = torch.from_numpy(x), torch.from_numpy(y)
-    l1 = residual_map(tx, ty, cfg(residual={"l1": 1.0}))[:, 0].numpy()
-    l2 = residual_map(tx, ty, cfg(residual={"l2": 1.0}))[:, 0].numpy()
+    l1 = residual_map(tx, ty, residual={"l1": 1.0})[:, 0].numpy()
+    l2 = residual_map(tx, ty, residual={"l2": 1.0})[:, 0].numpy()
     np.testing.assert_allclose(l1, np.abs(x - y).mean(1), atol=1e-6)
     np.testing.assert_allclose(l2, ((x - y) ** 2).mean(1), atol=1e-6)
-    ssim = residual_map(tx, ty, cfg())[:, 0].numpy()
-    mixed = residual_map(tx, ty, cfg(residual={"ssim": 0.5, "l1": 2.0, "l2": 0.0}))[:, 0].numpy()
+    ssim = residual_map(tx, ty)[:, 0].numpy()
+    mixed = residual_map(tx, ty, residual={"ssim": 0.5, "l1": 2.0, "l2": 0.0})[:, 0].numpy()
     np.testing.assert_allclose(mixed, 0.5 * ssim + 2.0 * l1, atol=1e-5)
 
 
@@ -204,9 +201,9 @@ def test_msssim_residual_is_the_documented_multiscale_map():
         a, b = _avg_pool(a), _avg_pool(b)
     expected = 1 - np.mean(maps, 0)
     tx, ty = (torch.from_numpy(v).float()[None, None] for v in (x, y))
-    got = residual_map(tx, ty, cfg(residual={"msssim": 1.0}))
+    got = residual_map(tx, ty, residual={"msssim": 1.0})
     np.testing.assert_allclose(got[0, 0].numpy(), expected, atol=1e-4)
-    assert residual_map(tx, tx, cfg(residual={"msssim": 1.0})).abs().max() < 1e-6
+    assert residual_map(tx, tx, residual={"msssim": 1.0}).abs().max() < 1e-6
 
 
 def test_smoothing_matches_scipy():
@@ -216,7 +213,7 @@ def test_smoothing_matches_scipy():
         rng.random((1, 1, 40, 37)).astype(np.float32),
     )
     got = residual_map(
-        torch.from_numpy(x), torch.from_numpy(y), cfg(residual={"l1": 1.0}, smooth_sigma=2.5)
+        torch.from_numpy(x), torch.from_numpy(y), residual={"l1": 1.0}, smooth_sigma=2.5
     )
     expected = gaussian_filter(np.abs(x - y)[0, 0].astype(np.float64), sigma=2.5, mode="reflect")
     np.testing.assert_allclose(got[0, 0].numpy(), expected, atol=1e-4)
@@ -234,16 +231,16 @@ def test_smoothing_matches_scipy():
 def test_bad_residual_settings(residual, key):
     x = torch.rand(1, 1, 16, 16)
     with pytest.raises(DefectaeError, match=key) as e:
-        residual_map(x, x, cfg(residual=residual))
+        residual_map(x, x, residual=residual)
     assert "ssim, l2, l1, msssim" in str(e.value) or "negative" in str(e.value)
 
 
 def test_window_or_smoothing_larger_than_the_image():
     x = torch.rand(1, 1, 8, 8)
     with pytest.raises(DefectaeError, match="tile.ssim_window 11"):
-        residual_map(x, x, cfg())
+        residual_map(x, x)
     with pytest.raises(DefectaeError, match="tile.smooth_sigma"):
-        residual_map(x, x, cfg(residual={"l1": 1.0}, smooth_sigma=3.0))
+        residual_map(x, x, residual={"l1": 1.0}, smooth_sigma=3.0)
 
 
 @pytest.mark.parametrize(
@@ -258,7 +255,7 @@ def test_image_scores(score, pct):
         k = max(1, math.ceil(flat.shape[1] * pct / 100))
         expected = np.sort(flat, 1)[:, -k:].mean(1)
     np.testing.assert_allclose(
-        image_scores(maps, cfg(score=score, topk_percent=pct)).numpy(), expected, rtol=1e-6
+        image_scores(maps, score=score, topk_percent=pct).numpy(), expected, rtol=1e-6
     )
 
 
@@ -269,7 +266,13 @@ def test_image_scores(score, pct):
 def test_inspector_identity_gives_zero_residual(h, w, size, stride):
     x = torch.rand(2, 1, h, w)
     for residual in ({"ssim": 1.0}, {"l2": 1.0, "l1": 0.5}):
-        res, score, recon = Inspector(Identity(), size, stride, cfg(residual=residual), False, 7)(x)
+        res, score, recon = Inspector(
+            Identity(),
+            patch_size=size,
+            stride=stride,
+            batch_size=7,
+            residual_options={"residual": residual},
+        )(x)
         assert res.shape == (2, 1, h, w) and score.shape == (2,) and recon.shape == x.shape
         assert torch.equal(recon, x)
         assert torch.equal(res, torch.zeros_like(res)) and torch.equal(score, torch.zeros(2))
@@ -284,10 +287,10 @@ def test_inspector_chunks_patches_by_batch_size():
             return super().forward(x)
 
     x = torch.rand(1, 1, 24, 24)  # 3 x 3 tiles of 12 with stride 6
-    Inspector(Recording(), 12, 6, cfg(residual={"l1": 1.0}), False, 4)(x)
+    Inspector(Recording(), patch_size=12, stride=6, batch_size=4, residual_options=L1)(x)
     assert calls == [4, 4, 1]
     calls.clear()
-    Inspector(Recording(), 12, 6, cfg(residual={"l1": 1.0}), False, 0)(x)
+    Inspector(Recording(), patch_size=12, stride=6, batch_size=0, residual_options=L1)(x)
     assert calls == [9]
 
 
@@ -300,11 +303,13 @@ def test_inspector_whole_image_resizes_in_and_out():
             return super().forward(x)
 
     x = torch.rand(2, 3, 32, 32)
-    res, _, recon = Inspector(Recording(), 32, 999, cfg(residual={"l1": 1.0}), True, 8)(x)
+    res, _, recon = Inspector(
+        Recording(), patch_size=32, stride=999, whole_image=True, batch_size=8, residual_options=L1
+    )(x)
     assert seen == [(2, 3, 32, 32)] and torch.equal(recon, x) and res.abs().max() == 0
-    res, _, recon = Inspector(Recording(), 16, 999, cfg(residual={"l1": 1.0}), True, 8)(
-        torch.rand(2, 3, 40, 24)
-    )
+    res, _, recon = Inspector(
+        Recording(), patch_size=16, stride=999, whole_image=True, batch_size=8, residual_options=L1
+    )(torch.rand(2, 3, 40, 24))
     assert (
         seen[-1] == (2, 3, 16, 16) and recon.shape == (2, 3, 40, 24) and res.shape == (2, 1, 40, 24)
     )
@@ -312,18 +317,18 @@ def test_inspector_whole_image_resizes_in_and_out():
 
 def test_inspector_rejects_a_stride_beyond_the_patch():
     with pytest.raises(DefectaeError, match="tile.stride 20"):
-        Inspector(Identity(), 16, 20, cfg(), False, 8)
+        Inspector(Identity(), patch_size=16, stride=20, batch_size=8)
 
 
 def test_inspector_traces_and_matches_eager():
     torch.manual_seed(0)
     inspector = Inspector(
         TinyAE(),
-        16,
-        5,
-        cfg(residual={"ssim": 1.0, "l2": 0.5}, smooth_sigma=1.0, score="topk"),
-        False,
-        7,
+        patch_size=16,
+        stride=5,
+        batch_size=7,
+        residual_options={"residual": {"ssim": 1.0, "l2": 0.5}, "smooth_sigma": 1.0},
+        score_options={"score": "topk"},
     ).eval()
     x, other = torch.rand(2, 1, 37, 45), torch.rand(2, 1, 37, 45)
     with torch.no_grad(), warnings.catch_warnings():

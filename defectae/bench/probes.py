@@ -33,7 +33,13 @@ def tile_throughput(
     device = torch.device(device)
     h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
     timed = devices.TimedModel(model.to(device).eval(), device, amp)
-    inspector = Inspector(timed, patch_size, stride, tile_cfg, whole_image, tile_cfg.batch_size)
+    inspector = Inspector(
+        timed,
+        patch_size=patch_size,
+        whole_image=whole_image,
+        batch_size=tile_cfg.batch_size,
+        **{**tile_cfg.inspector_options(), "stride": stride},
+    )
     images = np.random.default_rng(0).integers(0, 256, (1, channels, h, w), dtype=np.uint8)
     with torch.inference_mode():
         inspect_uint8(inspector, images, device)

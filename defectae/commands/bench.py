@@ -286,15 +286,23 @@ def score_time(plan: Plan, quick: bool) -> dict[str, Any]:
     maps, masks, labels, types = random_maps(plan.score_maps, plan.score_side, rng)
     val_maps = random_maps(max(2, plan.score_maps // 10), plan.score_side, rng)[0][::2]
     scores = maps.reshape(len(maps), -1).max(1).astype(np.float32)
-    cfg = ScoreConfig()
+    opts = ScoreConfig().metric_options()
     reps = min(plan.reps, 3)
     cpu = torch.device("cpu")
     seconds = statistics.median(
-        timed(lambda: compute_all(maps, masks, scores, labels, val_maps, cfg, types), 1, reps, cpu)
+        timed(
+            lambda: compute_all(maps, masks, scores, labels, val_maps, **opts, defect_types=types),
+            1,
+            reps,
+            cpu,
+        )
     )
     aupro = statistics.median(
         timed(
-            lambda: au_pro(pixel_curve(maps, label_regions(masks)), cfg.pro_max_fpr), 1, reps, cpu
+            lambda: au_pro(pixel_curve(maps, label_regions(masks)), opts["pro_max_fpr"]),
+            1,
+            reps,
+            cpu,
         )
     )
     full_size = (plan.score_maps, plan.score_side) == (FULL.score_maps, FULL.score_side)
@@ -394,7 +402,7 @@ def train_rate(
         clock,
         steps=plan.reps,
         amp=amp,
-        compile=compile,
+        compile_model=compile,
         device=str(device),
         loss=profile.loss,
         warmup=warmup,
@@ -484,7 +492,13 @@ def tile_figures(
     else:
         h = w = plan.tile_side or 2 * p
     speed = tile_throughput(model, (h, w), p, tile.stride, tile, plan.reps, device, c, whole)
-    inspector = Inspector(model.to(device).eval(), p, tile.stride, tile, whole, tile.batch_size)
+    inspector = Inspector(
+        model.to(device).eval(),
+        patch_size=p,
+        whole_image=whole,
+        batch_size=tile.batch_size,
+        **tile.inspector_options(),
+    )
     image = torch.rand(1, c, h, w, device=device)
     with torch.inference_mode():
         times = timed(lambda: inspector(image), plan.warmup, plan.latency_samples, device)
@@ -560,7 +574,7 @@ def loader_wait(
         loader,
         steps=plan.reps,
         amp="off",
-        compile=False,
+        compile_model=False,
         device=str(device),
         loss=profile.loss,
         warmup=plan.warmup,

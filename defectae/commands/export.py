@@ -352,7 +352,13 @@ def int8_accuracy_cost(
         return _no_auroc(0, "no prepared file with test images")
     tile, patch = profile.tile, profile.model.input_size
     inspectors = {
-        key: Inspector(m, patch, tile.stride, tile, whole_image, tile.batch_size).eval()
+        key: Inspector(
+            m,
+            patch_size=patch,
+            whole_image=whole_image,
+            batch_size=tile.batch_size,
+            **tile.inspector_options(),
+        ).eval()
         for key, m in (("fp32", fp32), ("int8", int8))
     }
     maps: dict[str, list[np.ndarray]] = {"fp32": [], "int8": []}
@@ -382,8 +388,8 @@ def int8_accuracy_cost(
             np.concatenate(scores[key]),
             labels,
             None,
-            profile.score,
-            types,
+            **profile.score.metric_options(),
+            defect_types=types,
         ).metrics
         for name in AUROCS:
             summary[f"{name}_{key}"] = metrics[name].value
@@ -489,7 +495,7 @@ def find_threshold(run: Path, profile: Profile) -> dict[str, Any]:
             "reason": f"no threshold in {metrics_file} and no validation maps in {residuals}; "
             f"run tile-test (and score) first",
         }
-    value = label_free_threshold(val_maps, cfg)
+    value = label_free_threshold(val_maps, **cfg.threshold_options())
     if not value.defined:
         return {**method, "value": None, "source": None, "reason": f"{residuals}: {value.reason}"}
     return {**method, "value": value.value, "source": f"{residuals} (validation maps)"}
@@ -642,7 +648,9 @@ def run(
 
     patch, tile = profile.model.input_size, profile.tile
     recon = Reconstruction(model).eval()
-    inspector = Inspector(model, patch, tile.stride, tile, family.whole_image, 0).eval()
+    inspector = Inspector(
+        model, patch_size=patch, whole_image=family.whole_image, **tile.inspector_options()
+    ).eval()
     jobs = [(f"model{SUFFIX[f]}", "reconstruction", f, recon, data.patches) for f in formats]
     jobs += [(f"inspector{SUFFIX[f]}", "inspector", f, inspector, data.images) for f in formats]
     artefacts = []
@@ -656,7 +664,9 @@ def run(
     if int8:
         qmodel, how = quantize_int8(model, data.calibration, family=family.name)
         qrecon = Reconstruction(qmodel).eval()
-        qinspector = Inspector(qmodel, patch, tile.stride, tile, family.whole_image, 0).eval()
+        qinspector = Inspector(
+            qmodel, patch_size=patch, whole_image=family.whole_image, **tile.inspector_options()
+        ).eval()
         for file, kind, module, inputs in (
             ("model_int8.pt", "reconstruction", qrecon, data.patches),
             ("inspector_int8.pt", "inspector", qinspector, data.images),

@@ -84,7 +84,14 @@ def run(
 
     console.info(f"scoring {len(res.names)} test images of {residuals_path}")
     results = metrics.compute_all(
-        res.maps, masks, res.scores, res.labels, res.val_maps, cfg, res.types, protocol
+        res.maps,
+        masks,
+        res.scores,
+        res.labels,
+        res.val_maps,
+        **cfg.metric_options(),
+        defect_types=res.types,
+        protocol=protocol,
     )
     out_dir = out or (run_dir / "score" if run_dir is not None else residuals_path.parent / "score")
     summary = _summary(res, results, cfg, protocol, truth, profile)

@@ -165,7 +165,13 @@ def run(
             torch.zeros(min(tile.batch_size, 8), channels, patch, patch, device=device),
         )
         timed = devices.TimedModel(model, device, dtype)
-        inspector = Inspector(timed, patch, tile.stride, tile, whole_image, tile.batch_size)
+        inspector = Inspector(
+            timed,
+            patch_size=patch,
+            whole_image=whole_image,
+            batch_size=tile.batch_size,
+            **tile.inspector_options(),
+        )
         step = _images_per_step(tile, (h, w), patch, whole_image)
         total = sum(src[f"{s}/images"].shape[0] for s in SPLITS)
         console.info(

@@ -8,19 +8,22 @@ reconstruction resized back, so the residual is always at the image's own resolu
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defectae.core.residuals import image_scores, residual_map, residual_weights
+from defectae.core.residuals import DEFAULT_RESIDUAL, image_scores, residual_map, residual_weights
 from defectae.core.tiling import extract_patches, fuse_patches, tile_origins
-from defectae.profiles import TileConfig
 
 
 class Inspector(nn.Module):
     """image (B, C, H, W) in [0, 1] -> (residual (B, 1, H, W), score (B,), recon (B, C, H, W)).
 
+    `residual_options` are `residual_map`'s keyword arguments, `score_options` `image_scores`'.
     Patches go through the model in chunks of `batch_size` (0 = all at once, e.g. for an export
     with a dynamic batch axis). Shapes are read as Python ints, so a trace is valid for one H x W.
     ONNX: `torch.onnx.export(..., dynamo=True)` (the TorchScript-based exporter cannot export
@@ -30,20 +33,23 @@ class Inspector(nn.Module):
     def __init__(
         self,
         model: nn.Module,
+        *,
         patch_size: int,
         stride: int,
-        tile_cfg: TileConfig,
-        whole_image: bool,
-        batch_size: int,
+        whole_image: bool = False,
+        batch_size: int = 0,
+        residual_options: Mapping[str, Any] | None = None,
+        score_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        residual_weights(tile_cfg)  # fail on a bad [tile] before any work
+        self.residual_options = dict(residual_options or {})
+        self.score_options = dict(score_options or {})
+        residual_weights(self.residual_options.get("residual", DEFAULT_RESIDUAL))  # fail early
         if not whole_image:
             tile_origins(patch_size, patch_size, stride)  # checks the stride against the patch
         self.model = model
         self.patch_size = patch_size
         self.stride = stride
-        self.tile_cfg = tile_cfg
         self.whole_image = whole_image
         self.batch_size = batch_size
 
@@ -70,8 +76,8 @@ class Inspector(nn.Module):
         else:
             patches = extract_patches(x, size, self.stride)  # (B * N, C, size, size)
             recon = fuse_patches(self.reconstruct(patches), (h, w), size, self.stride)
-        residual = residual_map(x, recon, self.tile_cfg)
-        return residual, image_scores(residual, self.tile_cfg), recon
+        residual = residual_map(x, recon, **self.residual_options)
+        return residual, image_scores(residual, **self.score_options), recon
 
 
 def inspect_uint8(

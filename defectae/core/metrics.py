@@ -31,8 +31,6 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from defectae.profiles.schema import ScoreConfig
-
 PROTOCOLS = ("mvtec", "radli")
 
 # Rádli & Czúni (WSCG 2021), as in their published evaluation code (src/test.py of
@@ -442,11 +440,17 @@ def threshold_at_fpr(val_maps: np.ndarray | None, target_fpr: float) -> Metric:
     return _metric(candidate)
 
 
-def label_free_threshold(val_maps: np.ndarray | None, cfg: ScoreConfig) -> Metric:
-    """The threshold `score.threshold` asks for: a validation quantile or a target FPR."""
-    if cfg.threshold == "val_fpr":
-        return threshold_at_fpr(val_maps, cfg.target_fpr)
-    return threshold_quantile(val_maps, cfg.quantile)
+def label_free_threshold(
+    val_maps: np.ndarray | None,
+    *,
+    threshold: str = "val_quantile",
+    quantile: float = 0.999,
+    target_fpr: float = 0.01,
+) -> Metric:
+    """The label-free pixel threshold: a quantile of validation residuals or a target FPR on them."""
+    if threshold == "val_fpr":
+        return threshold_at_fpr(val_maps, target_fpr)
+    return threshold_quantile(val_maps, quantile)
 
 
 # ----------------------------------------------------------------------------- Rádli & Czúni
@@ -541,7 +545,7 @@ class ScoreResults:
     radli: RadliCurve | None = None
 
 
-def metric_set(image: Curve, pixel: Curve, threshold: Metric, cfg: ScoreConfig) -> MetricSet:
+def metric_set(image: Curve, pixel: Curve, threshold: Metric, pro_max_fpr: float) -> MetricSet:
     """Every image and pixel metric from the two ranking curves and the label-free threshold."""
     img_f1, pix_f1 = f1_max(image), f1_max(pixel)
     at_threshold = overlap_at(pixel, threshold)
@@ -555,7 +559,7 @@ def metric_set(image: Curve, pixel: Curve, threshold: Metric, cfg: ScoreConfig) 
         "image_f1_recall": img_f1.recall,
         "pixel_auroc": auroc(pixel),
         "pixel_auprc": average_precision(pixel),
-        "pixel_aupro": au_pro(pixel, cfg.pro_max_fpr),
+        "pixel_aupro": au_pro(pixel, pro_max_fpr),
         "pixel_f1_max": pix_f1.f1,
         "pixel_f1_threshold": pix_f1.threshold,
         "pixel_iou": at_threshold.iou,
@@ -571,7 +575,11 @@ def compute_all(
     image_scores: np.ndarray,
     labels: np.ndarray,
     val_maps: np.ndarray | None,
-    cfg: ScoreConfig,
+    *,
+    threshold: str = "val_quantile",
+    quantile: float = 0.999,
+    target_fpr: float = 0.01,
+    pro_max_fpr: float = 0.3,
     defect_types: Sequence[str] | None = None,
     protocol: str = "mvtec",
 ) -> ScoreResults:
@@ -588,7 +596,9 @@ def compute_all(
     masks = np.asarray(masks, dtype=bool)
     ranking = PixelRanking(maps, masks)
     per_image_regions = ranking.regions.per_image
-    threshold = label_free_threshold(val_maps, cfg)
+    pixel_threshold = label_free_threshold(
+        val_maps, threshold=threshold, quantile=quantile, target_fpr=target_fpr
+    )
     types = np.asarray(
         list(defect_types)
         if defect_types is not None
@@ -603,7 +613,7 @@ def compute_all(
             scores if sel is None else scores[sel], labels if sel is None else labels[sel]
         )
         pixel = ranking.curve(sel)
-        metrics = metric_set(image, pixel, threshold, cfg)
+        metrics = metric_set(image, pixel, pixel_threshold, pro_max_fpr)
         radli_result = None
         if rates is not None:
             rows = defective_row[labels if sel is None else sel & labels]
@@ -626,4 +636,6 @@ def compute_all(
         sel = ((types == name) & labels) | ~labels
         per_type[name] = evaluate(sel)[0]
         type_counts[name] = counts(sel)
-    return ScoreResults(metrics, per_type, type_counts, threshold, image, pixel, radli_overall)
+    return ScoreResults(
+        metrics, per_type, type_counts, pixel_threshold, image, pixel, radli_overall
+    )

@@ -234,6 +234,30 @@ class TileConfig:
     compile: bool = opt(False)
     device: str = opt("auto")
 
+    def residual_options(self) -> dict[str, Any]:
+        """Keyword arguments of `core.residuals.residual_map`."""
+        return {
+            "residual": dict(self.residual),
+            "ssim_window": self.ssim_window,
+            "ssim_gaussian": self.ssim_gaussian,
+            "ssim_sigma": self.ssim_sigma,
+            "ssim_k1": self.ssim_k1,
+            "ssim_k2": self.ssim_k2,
+            "smooth_sigma": self.smooth_sigma,
+        }
+
+    def score_options(self) -> dict[str, Any]:
+        """Keyword arguments of `core.residuals.image_scores`."""
+        return {"score": self.score, "topk_percent": self.topk_percent}
+
+    def inspector_options(self) -> dict[str, Any]:
+        """The settings that turn reconstructions into maps and scores, as the Inspector takes them."""
+        return {
+            "stride": self.stride,
+            "residual_options": self.residual_options(),
+            "score_options": self.score_options(),
+        }
+
 
 @dataclass(frozen=True)
 class ScoreConfig:
@@ -249,6 +273,18 @@ class ScoreConfig:
     panel_size: int = opt(
         256, 32, 2048, doc="longest side of each image in a report panel, in pixels"
     )
+
+    def threshold_options(self) -> dict[str, Any]:
+        """Keyword arguments of `core.metrics.label_free_threshold`."""
+        return {
+            "threshold": self.threshold,
+            "quantile": self.quantile,
+            "target_fpr": self.target_fpr,
+        }
+
+    def metric_options(self) -> dict[str, Any]:
+        """Keyword arguments of `core.metrics.compute_all` that come from the profile."""
+        return {**self.threshold_options(), "pro_max_fpr": self.pro_max_fpr}
 
 
 @dataclass(frozen=True)
