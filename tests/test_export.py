@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import json
 import subprocess
@@ -19,14 +20,17 @@ from builders import untrained_checkpoint
 from sklearn.metrics import roc_auc_score
 
 from defectae import profiles
-from defectae.commands import export
+from defectae.commands import export, score, tiletest
 from defectae.core.inspector import Inspector
 from defectae.core.metrics import label_free_threshold
 from defectae.errors import DefectaeError
+from defectae.files import sha256_file
 from defectae.models import build_model
 from defectae.stores.checkpoint import load_checkpoint, load_model, save_checkpoint
 from defectae.stores.patches import write_patches
 from defectae.stores.prepared import PreparedSplit, write_prepared
+from defectae.stores.residuals import SPLITS, create_residuals, create_split
+from defectae.stores.scores import write_metrics
 
 SETS = [
     "model.input_size=32",
@@ -94,9 +98,14 @@ def make_run(root: Path, sets: list[str] = SETS, with_data: bool = True) -> Path
         state = load_checkpoint(checkpoint)
         state["patches"] = str(write_patches(root / "patches.h5", patches, patches, {"seed": 0}))
         save_checkpoint(state, checkpoint)
-        with h5py.File(run / "residuals.h5", "w") as f:
-            f.attrs["prepared"] = str(prepared)
-            f["validation/residuals"] = rng.random((3, 1, 64, 64)).astype(np.float16)
+        with (
+            h5py.File(prepared, "r") as src,
+            create_residuals(run / "residuals.h5", profile.tile, prepared=str(prepared)) as f,
+        ):
+            for split in SPLITS:
+                n = len(src[f"{split}/labels"])
+                maps = rng.random((n, 1, 64, 64)).astype(np.float16)
+                create_split(f, src, split, False).write(0, maps, maps.max((1, 2, 3)), maps)
     return run
 
 
@@ -255,23 +264,37 @@ def test_without_data_it_verifies_on_random_inputs_and_stores_no_threshold(tmp_p
     assert meta["threshold"]["value"] is None
 
 
-def test_the_threshold_comes_from_score_metrics_json_first(tmp_path):
+def test_the_threshold_and_its_settings_come_from_score_metrics_json_first(tmp_path):
     run = make_run(tmp_path)
-    (run / "score").mkdir()
-    (run / "score" / "metrics.json").write_text(
-        json.dumps(
-            {
-                "threshold": {
-                    "method": "val_quantile",
-                    "quantile": 0.999,
-                    "value": 0.25,
-                    "reason": None,
-                }
-            }
-        )
-    )
-    found = export.find_threshold(run, profiles.resolve("synthetic-ae", sets=SETS))
-    assert found["value"] == 0.25 and found["source"].endswith("metrics.json")
+    profile = profiles.resolve("synthetic-ae", sets=SETS)
+    l1 = dataclasses.replace(profile.tile, residual={"l1": 1.0})
+    threshold = {"method": "val_quantile", "quantile": 0.999, "value": 0.25, "reason": None}
+    summary = {"tile": profiles.to_dict(profile)["tile"] | {"residual": {"l1": 1.0}}}
+    summary.update(threshold=threshold, residuals_sha256=sha256_file(run / "residuals.h5"))
+    write_metrics(run / "score" / "metrics.json", summary)
+    tile, found = export.test_settings(run, profile)
+    assert tile == l1 and found["value"] == 0.25 and found["source"].endswith("metrics.json")
+
+    (run / "residuals.h5").write_bytes((run / "residuals.h5").read_bytes() + b"\0")
+    with pytest.raises(DefectaeError, match="tile-test ran again after score"):
+        export.test_settings(run, profile)
+
+
+def test_the_inspector_is_built_from_the_settings_whose_threshold_it_ships(tmp_path):
+    """tile-test with another residual, then score, then export: the export computes that residual."""
+    run = make_run(tmp_path)
+    l2 = profiles.resolve("synthetic-ae", sets=[*SETS, "tile.residual={ssim=0, l2=1}"])
+    tiletest.run(l2, run, tmp_path / "prepared.h5", None, None)
+    scored = score.run(None, run, None, None, "mvtec", None)
+    summary = export.run(run, "torchscript", int8=False, out=None)
+    assert summary["threshold"]["value"] == pytest.approx(scored["threshold"]["value"])
+    inspector, meta = _load_ts(run / "export" / "inspector.pt")
+    assert meta["tile"]["residual"] == {"ssim": 0.0, "l2": 1.0}
+    model, _, _ = load_model(run / "best.pt")
+    images = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(3))
+    want = Inspector(model, patch_size=32, **l2.tile.inspector_options())(images)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(inspector(images)[0], want, atol=1e-5, rtol=1e-5)
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path, monkeypatch):

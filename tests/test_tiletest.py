@@ -22,6 +22,7 @@ from defectae.core.inspector import Inspector
 from defectae.errors import DefectaeError
 from defectae.stores.checkpoint import load_model
 from defectae.stores.prepared import PreparedSplit, read_split, write_prepared
+from defectae.stores.residuals import read_tile
 
 SETS = [
     "model.input_size=32",
@@ -76,7 +77,9 @@ def _prepared(path: Path, channels: int = 1, size: int = 48) -> Path:
 
 
 def _checkpoint(run_dir: Path, profile: profiles.Profile) -> Path:
+    """A run folder as train leaves it: the checkpoint and the profile it was trained with."""
     untrained_checkpoint(run_dir, profile)
+    profiles.write_profile(profile, run_dir)
     return run_dir
 
 
@@ -99,7 +102,7 @@ def test_tile_test_writes_the_residuals_contract(setup, tmp_path):
         and summary["export_maps"] == str(maps)
     )
     assert 0 < summary["model_share"] <= 1 and summary["images_per_s"] > 0
-    assert (run_dir / "profile.toml").is_file()
+    assert profiles.load_written(run_dir / "residuals.profile.toml") == profile
 
     model, _, _ = load_model(run_dir / "best.pt")
     inspector = Inspector(model, patch_size=32, batch_size=18, **profile.tile.inspector_options())
@@ -157,14 +160,25 @@ def test_profile_tile_settings_override_the_checkpoint(setup, tmp_path):
         "tile.stride=16",
     )
     out = tmp_path / "elsewhere" / "residuals.h5"
+    trained = (run_dir / "profile.toml").read_bytes()
     tiletest.run(override, run_dir, prepared, out, None)
+    assert (run_dir / "profile.toml").read_bytes() == trained  # the run's record is untouched
     with h5py.File(out, "r") as f:
         tile = json.loads(f.attrs["tile"])
         assert (tile["score"], tile["stride"]) == ("topk", 16)
         assert "recon" not in f["test"] and f["test/residuals"].shape == (5, 1, 48, 48)
         assert np.all(f["test/scores"][()] <= f["test/residuals"][()].reshape(5, -1).max(1) + 1e-3)
-    written = profiles.load_written(out.parent / "profile.toml")
+    written = profiles.load_written(out.parent / "residuals.profile.toml")
     assert written.tile.score == "topk" and written.model.input_size == 32
+
+
+def test_without_a_profile_the_run_s_training_profile_decides_the_tile_settings(setup):
+    _, prepared, run_dir = setup
+    trained_with = _profile("tile.stride=8", "tile.score=topk")
+    profiles.write_profile(trained_with, run_dir)
+    tiletest.run(None, run_dir, prepared, None, None)
+    tile = read_tile(run_dir / "residuals.h5")
+    assert tile == trained_with.tile and (tile.stride, tile.score) == (8, "topk")
 
 
 def test_bad_inputs(setup, tmp_path, monkeypatch):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import io
 import json
@@ -35,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
 from rich.table import Table
@@ -48,10 +48,12 @@ from defectae.core.tiling import extract_patches
 from defectae.errors import DefectaeError
 from defectae.files import atomic_path, sha256_file, write_text_atomic
 from defectae.models import get_family
-from defectae.profiles import Profile, to_dict, write_profile
+from defectae.profiles import Profile, TileConfig, to_dict, write_profile
 from defectae.stores.checkpoint import checkpoint_in, load_model
 from defectae.stores.patches import open_patches
 from defectae.stores.prepared import open_prepared, read_strings
+from defectae.stores.residuals import open_residuals, read_tile, read_validation_maps
+from defectae.stores.scores import read_scored_settings
 
 FORMATS = ("torchscript", "onnx")
 SUFFIX = {"torchscript": ".pt", "onnx": ".onnx"}
@@ -456,49 +458,64 @@ def _prepared_file(run: Path, profile: Profile) -> Path | None:
     candidates = []
     residuals = run / "residuals.h5"
     if residuals.is_file():
-        with contextlib.suppress(OSError, KeyError), h5py.File(residuals, "r") as f:
+        with contextlib.suppress(DefectaeError, KeyError), open_residuals(residuals) as f:
             candidates.append(Path(str(f.attrs["prepared"])))
     candidates.append(workspace.prepared_path(profile))
     return next((c for c in candidates if c.is_file()), None)
 
 
-def find_threshold(run: Path, profile: Profile) -> dict[str, Any]:
-    """The label-free pixel threshold: RUN/score/metrics.json, else RUN/residuals.h5's validation maps."""
+def test_settings(run: Path, profile: Profile) -> tuple[TileConfig, dict[str, Any]]:
+    """The [tile] settings the inspector is built from, and the threshold chosen for exactly them.
+
+    score's RUN/score/metrics.json when present (it must have scored RUN/residuals.h5 as it is
+    now), else RUN/residuals.h5's settings with a threshold from its validation maps, else the
+    run's training profile and no threshold.
+    """
     cfg = profile.score
-    method = {
-        "method": cfg.threshold,
-        **(
-            {"quantile": cfg.quantile}
-            if cfg.threshold == "val_quantile"
-            else {"target_fpr": cfg.target_fpr}
-        ),
-    }
-    metrics_file = run / "score" / "metrics.json"
+    method: dict[str, Any] = {"method": cfg.threshold}
+    method.update(
+        {"quantile": cfg.quantile}
+        if cfg.threshold == "val_quantile"
+        else {"target_fpr": cfg.target_fpr}
+    )
+    metrics_file, residuals = run / "score" / "metrics.json", run / "residuals.h5"
     if metrics_file.is_file():
-        with contextlib.suppress(ValueError, TypeError, KeyError, AttributeError):
-            saved = json.loads(metrics_file.read_text())["threshold"]
-            if isinstance(saved.get("value"), (int, float)):
-                return {
-                    **{k: v for k, v in saved.items() if k != "reason"},
-                    "source": str(metrics_file),
-                }
-    residuals = run / "residuals.h5"
-    val_maps = None
-    if residuals.is_file():
-        with contextlib.suppress(OSError, KeyError), h5py.File(residuals, "r") as f:
-            val_maps = f["validation/residuals"][()]  # (N, 1, H, W) float16
-    if val_maps is None:
-        return {
+        scored = read_scored_settings(metrics_file)
+        if residuals.is_file() and sha256_file(residuals) != scored.residuals_sha256:
+            raise DefectaeError(
+                f"{metrics_file}: its threshold was chosen on other maps than {residuals} "
+                f"(tile-test ran again after score); run `defectae score --run {run}` again"
+            )
+        saved = {k: v for k, v in scored.threshold.items() if k != "reason"}
+        if isinstance(saved.get("value"), (int, float)):
+            return scored.tile, {**saved, "source": str(metrics_file)}
+        reason = scored.threshold.get("reason", "undefined")
+        return scored.tile, {
+            **saved,
+            "value": None,
+            "source": None,
+            "reason": f"{metrics_file}: {reason}",
+        }
+    if not residuals.is_file():
+        return profile.tile, {
             **method,
             "value": None,
             "source": None,
-            "reason": f"no threshold in {metrics_file} and no validation maps in {residuals}; "
-            f"run tile-test (and score) first",
+            "reason": f"no {metrics_file} and no {residuals}; run tile-test and score first",
         }
+    tile, val_maps = read_tile(residuals), read_validation_maps(residuals)
+    if val_maps is None:
+        reason = f"{residuals}: no validation maps"
+        return tile, {**method, "value": None, "source": None, "reason": reason}
     value = label_free_threshold(val_maps, **cfg.threshold_options())
     if not value.defined:
-        return {**method, "value": None, "source": None, "reason": f"{residuals}: {value.reason}"}
-    return {**method, "value": value.value, "source": f"{residuals} (validation maps)"}
+        return tile, {
+            **method,
+            "value": None,
+            "source": None,
+            "reason": f"{residuals}: {value.reason}",
+        }
+    return tile, {**method, "value": value.value, "source": f"{residuals} (validation maps)"}
 
 
 # ----------------------------------------------------------------------------- the command
@@ -641,7 +658,8 @@ def run(
     family = get_family(profile.model.family)
     out = Path(out) if out is not None else run / "export"
     data = reference_data(run, profile, state)
-    threshold = find_threshold(run, profile)
+    tile, threshold = test_settings(run, profile)
+    profile = dataclasses.replace(profile, tile=tile)
     if threshold["value"] is None:
         console.warn(f"no validation threshold stored in the exports: {threshold['reason']}")
     console.info(f"export {profile.name} ({family.name}) from {ckpt}: checking on {data.source}")

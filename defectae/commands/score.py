@@ -8,10 +8,8 @@ metrics.json, roc.png, pr.png, pro.png, panels/, index.html and profile.toml.
 
 from __future__ import annotations
 
-import json
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,28 +22,12 @@ from defectae import __version__, console, profiles, workspace
 from defectae.commands import report
 from defectae.core import metrics
 from defectae.errors import DefectaeError
-from defectae.files import open_h5, sha256_file, write_text_atomic
-from defectae.profiles import Profile, ScoreConfig
+from defectae.files import sha256_file
+from defectae.profiles import Profile, ScoreConfig, to_dict
+from defectae.profiles.load import PROFILE_FILE
 from defectae.stores.prepared import file_attr_json, open_prepared, read_strings
-
-FORMAT = "defectae-residuals"
-FORMAT_VERSION = 1
-_FIELDS = ("residuals", "scores", "names", "defect_types", "labels")
-
-
-@dataclass
-class Residuals:
-    """The test and validation residuals of one tile-test run, held in memory."""
-
-    path: Path
-    attrs: dict[str, Any]
-    maps: np.ndarray  # (N, H, W) float16
-    scores: np.ndarray  # (N,) float32
-    names: list[str]
-    types: list[str]
-    labels: np.ndarray  # (N,) uint8
-    val_maps: np.ndarray | None  # (M, H, W) float16
-    has_recon: bool
+from defectae.stores.residuals import Residuals, read_residuals
+from defectae.stores.scores import write_metrics
 
 
 def run(
@@ -98,7 +80,7 @@ def run(
     summary["figures"] = report.write_curves(out_dir, results, cfg.pro_max_fpr)
     entries, note = _write_panels(out_dir, res, masks, prepared, results, cfg)
     metrics_json = out_dir / "metrics.json"
-    write_text_atomic(metrics_json, json.dumps(summary, indent=2) + "\n")
+    write_metrics(metrics_json, summary)
     index = out_dir / "index.html"
     report.write_index(index, summary, summary["figures"], entries, note)
     if profile is not None:
@@ -148,62 +130,17 @@ def _locate(
 
 
 def _profile_near(run_dir: Path | None, residuals_path: Path) -> Profile | None:
-    for folder in (run_dir, residuals_path.parent):
-        if folder is not None and (folder / "profile.toml").is_file():
-            return profiles.load_written(folder / "profile.toml")
-    console.debug("no profile.toml beside the residuals: using the default score settings")
+    """The profile tile-test recorded beside the residuals, else the run's training profile."""
+    beside = residuals_path.with_name(f"{residuals_path.stem}.profile.toml")
+    for path in (beside, run_dir / PROFILE_FILE if run_dir is not None else None):
+        if path is not None and path.is_file():
+            return profiles.load_written(path)
+    console.debug("no profile beside the residuals: using the default score settings")
     return None
 
 
-def read_residuals(path: Path) -> Residuals:
-    """Read and check residuals.h5 (format, version, fields, shapes, finite values)."""
-    with open_h5(
-        path, FORMAT, FORMAT_VERSION, "tile-test", [f"test/{key}" for key in _FIELDS]
-    ) as f:
-        maps = f["test/residuals"]
-        if maps.ndim != 4 or maps.shape[1] != 1:
-            raise DefectaeError(
-                f"{path}: test/residuals has shape {maps.shape}, expected (N, 1, H, W)"
-            )
-        n = maps.shape[0]
-        if n == 0:
-            raise DefectaeError(f"{path}: the test split is empty")
-        for key in _FIELDS[1:]:
-            if len(f[f"test/{key}"]) != n:
-                raise DefectaeError(
-                    f"{path}: test/{key} has {len(f[f'test/{key}'])} entries, test/residuals {n}"
-                )
-        test = maps[()][:, 0].astype(np.float16, copy=False)
-        val = None
-        if "validation/residuals" in f and len(f["validation/residuals"]):
-            val = f["validation/residuals"][()][:, 0].astype(np.float16, copy=False)
-            if val.shape[1:] != test.shape[1:]:
-                raise DefectaeError(
-                    f"{path}: validation maps are {_hw(val)}, test maps {_hw(test)}"
-                )
-        for key, array in (("test/residuals", test), ("validation/residuals", val)):
-            if array is not None and not np.isfinite(array).all():
-                raise DefectaeError(f"{path}: {key} contains NaN or infinite values")
-        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
-        return Residuals(
-            path=path,
-            attrs=attrs,
-            maps=test,
-            scores=f["test/scores"][()].astype(np.float32),
-            names=read_strings(f, "test/names"),
-            types=read_strings(f, "test/defect_types"),
-            labels=f["test/labels"][()].astype(np.uint8),
-            val_maps=val,
-            has_recon="test/recon" in f,
-        )
-
-
 def _residual_kinds(res: Residuals) -> set[str]:
-    try:
-        weights = json.loads(str(res.attrs.get("tile", "{}"))).get("residual", {})
-    except (json.JSONDecodeError, AttributeError):
-        return set()
-    return {k for k, w in weights.items() if w}
+    return {k for k, w in res.tile.residual.items() if w}
 
 
 def _hw(maps: np.ndarray) -> str:
@@ -322,6 +259,7 @@ def _summary(
         "residuals_sha256": sha256_file(res.path),
         "checkpoint": res.attrs.get("checkpoint", ""),
         "ground_truth": truth,
+        "tile": to_dict(res.tile),
         "threshold": threshold,
         "pro_max_fpr": cfg.pro_max_fpr,
         "counts": results.counts["overall"],

@@ -1,22 +1,21 @@
 """`defectae tile-test`: reconstruct every test and validation image and write residuals.h5.
 
-The run folder is --run, else the profile's latest run. The model and its profile come from the
-run's checkpoint; with --profile, that profile's [tile] section replaces the checkpoint's (so
-stride, residual and score settings can change without retraining). Images are streamed from
-prepared.h5 a few at a time into preallocated HDF5 datasets, so memory does not grow with the
-test set. residuals.h5, per group "test" and "validation":
-    residuals (N, 1, H, W) float16, recon (N, C, H, W) uint8 (tile.save_reconstructions),
-    scores (N,) float32, names, defect_types, labels, files, orig_sizes (copied from prepared.h5)
-with attributes format, format_version, checkpoint, checkpoint_sha256, prepared, prepared_sha256,
-dataset, category, tile (JSON), profile, version. --export-maps writes every test map as a
-float32 TIFF at the original resolution in the MVTec AD evaluator's layout.
+The run folder is --run, else the profile's latest run. The model comes from the run's
+checkpoint. tile-test decides the test-time settings ([tile]: stride, residual, smoothing,
+image score): from --profile when given (so they can change without retraining), else from the
+profile the run was trained with (RUN/profile.toml). It records them in residuals.h5 (see
+`stores.residuals`), where score and export read them, and writes its resolved profile as
+residuals.profile.toml beside it; the run's own profile.toml is never touched. Images are
+streamed from prepared.h5 a few at a time, so memory does not grow with the test set.
+--export-maps writes every test map as a float32 TIFF at the original resolution in the
+MVTec AD evaluator's layout.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from defectae import __version__, console, workspace
+from defectae import console, profiles, workspace
 from defectae import device as devices
 from defectae.core.inspector import Inspector, inspect_uint8
 from defectae.core.tiling import tile_origins
@@ -34,14 +33,11 @@ from defectae.device import amp_dtype, compile_or_eager, resolve_device
 from defectae.errors import DefectaeError
 from defectae.files import atomic_path, sha256_file
 from defectae.models import get_family
-from defectae.profiles import Profile, TileConfig, to_dict, write_profile
+from defectae.profiles import Profile, TileConfig, write_profile
+from defectae.profiles.load import PROFILE_FILE
 from defectae.stores.checkpoint import checkpoint_in, load_model
 from defectae.stores.prepared import open_prepared, read_strings
-
-FORMAT = "defectae-residuals"
-FORMAT_VERSION = 1
-SPLITS = ("test", "validation")
-COPIED = ("names", "defect_types", "labels", "files", "orig_sizes")
+from defectae.stores.residuals import SPLITS, create_residuals, create_split
 
 
 def _images_per_step(
@@ -83,48 +79,37 @@ def _write_split(
     device: torch.device,
     save_recon: bool,
     export: tuple[Path, str] | None,
-    bar: Any,
-    task: Any,
+    advance: Callable[[int], None],
 ) -> None:
     """Stream one split through the inspector into preallocated datasets of `dst`."""
     images = src[f"{split}/images"]
-    n, c, h, w = images.shape
-    g = dst.create_group(split)
-    for key in COPIED:
-        src.copy(src[f"{split}/{key}"], g, name=key)
-    residuals = g.create_dataset(
-        "residuals", (n, 1, h, w), np.float16, chunks=(1, 1, h, w) if n else None
-    )
-    scores = g.create_dataset("scores", (n,), np.float32)
-    recons = None
-    if save_recon:
-        recons = g.create_dataset(
-            "recon", (n, c, h, w), np.uint8, chunks=(1, c, h, w) if n else None
-        )
+    writer = create_split(dst, src, split, save_recon)
     if export is not None:
         types, names = (
             read_strings(src, f"{split}/defect_types"),
             read_strings(src, f"{split}/names"),
         )
         orig = src[f"{split}/orig_sizes"][()]
+    n = images.shape[0]
     for start in range(0, n, step):
         stop = min(n, start + step)
         residual, score, recon = inspect_uint8(inspector, images[start:stop], device)
-        residuals[start:stop] = residual.half().numpy()
-        scores[start:stop] = score.numpy()
-        if recons is not None:
-            recons[start:stop] = recon.numpy()
+        writer.write(start, residual.numpy(), score.numpy(), recon.numpy())
         if export is not None:
             for j in range(start, stop):
-                _export_map(
-                    export[0],
-                    export[1],
-                    types[j],
-                    names[j],
-                    residual[j - start],
-                    (int(orig[j, 0]), int(orig[j, 1])),
-                )
-        bar.advance(task, stop - start)
+                orig_hw = (int(orig[j, 0]), int(orig[j, 1]))
+                _export_map(*export, types[j], names[j], residual[j - start], orig_hw)
+        advance(stop - start)
+
+
+def _test_settings(run_dir: Path, trained: Profile, profile: Profile | None) -> Profile:
+    """The run's training profile with the [tile] section tile-test uses (see the module doc)."""
+    if profile is not None:
+        return dataclasses.replace(trained, tile=profile.tile)
+    recorded = run_dir / PROFILE_FILE
+    if recorded.is_file():
+        return dataclasses.replace(trained, tile=profiles.load_written(recorded).tile)
+    return trained
 
 
 def run(
@@ -134,7 +119,7 @@ def run(
     out: Path | None,
     export_maps: Path | None,
 ) -> dict[str, Any]:
-    """Tile-test a run's checkpoint on prepared.h5 and write residuals.h5 (plus profile.toml)."""
+    """Tile-test a run's checkpoint on prepared.h5; write residuals.h5 and its profile beside it."""
     started = time.perf_counter()
     if run is None:
         if profile is None:
@@ -142,7 +127,7 @@ def run(
         run = workspace.latest_run(profile)
     ckpt = checkpoint_in(run)
     model, trained, _ = load_model(ckpt, "cpu", expect=profile)
-    eff = trained if profile is None else dataclasses.replace(trained, tile=profile.tile)
+    eff = _test_settings(Path(run), trained, profile)
     tile = eff.tile
     device = resolve_device(tile.device)
     dtype = amp_dtype(device, tile.amp)
@@ -178,18 +163,16 @@ def run(
             f"tile-test {eff.name}: {ckpt} on {total} images of {prepared} ({device}, "
             f"{'whole image' if whole_image else f'patch {patch}, stride {tile.stride}'})"
         )
-        with atomic_path(out) as tmp, h5py.File(tmp, "w", track_order=True) as dst:
-            dst.attrs["format"] = FORMAT
-            dst.attrs["format_version"] = FORMAT_VERSION
-            dst.attrs["checkpoint"] = str(ckpt)
-            dst.attrs["checkpoint_sha256"] = sha256_file(ckpt)
-            dst.attrs["prepared"] = str(prepared)
-            dst.attrs["prepared_sha256"] = sha256_file(prepared)
-            dst.attrs["dataset"] = eff.dataset.name
-            dst.attrs["category"] = category
-            dst.attrs["tile"] = json.dumps(to_dict(eff)["tile"])
-            dst.attrs["profile"] = eff.name
-            dst.attrs["version"] = __version__
+        provenance = {
+            "checkpoint": str(ckpt),
+            "checkpoint_sha256": sha256_file(ckpt),
+            "prepared": str(prepared),
+            "prepared_sha256": sha256_file(prepared),
+            "dataset": eff.dataset.name,
+            "category": category,
+            "profile": eff.name,
+        }
+        with create_residuals(out, tile, **provenance) as dst:
             export = (Path(export_maps), category) if export_maps is not None else None
             loop_start = time.perf_counter()
             with torch.inference_mode(), console.progress() as bar:
@@ -204,11 +187,10 @@ def run(
                         device,
                         tile.save_reconstructions,
                         export if split == "test" else None,
-                        bar,
-                        task,
+                        lambda n: bar.advance(task, n),
                     )
             loop_seconds = time.perf_counter() - loop_start
-    write_profile(eff, out.parent)
+    write_profile(eff, out.parent, f"{out.stem}.profile.toml")
 
     model_share = timed.seconds / loop_seconds if loop_seconds > 0 else 0.0
     rate = total / loop_seconds if loop_seconds > 0 else 0.0

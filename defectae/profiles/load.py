@@ -251,6 +251,11 @@ def build(data: dict[str, Any], source: Any = lambda path: "profile") -> Profile
     return _to_dataclass(Profile, data, (), source)
 
 
+def section_from_dict(cls: type, name: str, data: Any, source: str) -> Any:
+    """One profile section (e.g. TileConfig) from plain data, checked like a profile's."""
+    return _to_dataclass(cls, data, (name,), lambda path: source)
+
+
 def _to_dataclass(cls: type, data: Any, path: tuple[str, ...], source: Any) -> Any:
     where = ".".join(path) or "profile"
     if not isinstance(data, dict):
@@ -378,9 +383,9 @@ def to_toml(profile: Profile) -> str:
     return tomli_w.dumps(to_dict(profile))
 
 
-def write_profile(profile: Profile, directory: str | Path) -> Path:
+def write_profile(profile: Profile, directory: str | Path, name: str = PROFILE_FILE) -> Path:
     """Write the resolved profile next to an output so the run can be reproduced exactly."""
-    path = Path(directory) / PROFILE_FILE
+    path = Path(directory) / name
     write_text_atomic(path, to_toml(profile))
     return path
 

@@ -1,0 +1,178 @@
+"""residuals.h5, written by tile-test: the maps, and the test-time settings that made them.
+
+Per group "test" and "validation":
+    residuals (N, 1, H, W) float16, recon (N, C, H, W) uint8 (tile.save_reconstructions),
+    scores (N,) float32, names, defect_types, labels, files, orig_sizes (copied from prepared.h5)
+File attributes: format, format_version, checkpoint, checkpoint_sha256, prepared,
+prepared_sha256, dataset, category, profile, version, and tile: the JSON of the [tile]
+section tile-test used. That record is the one source of the test-time settings: score
+copies it into its metrics.json and export builds its inspector from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from defectae import __version__
+from defectae.errors import DefectaeError
+from defectae.files import atomic_path, open_h5
+from defectae.profiles import TileConfig, to_dict
+from defectae.profiles.load import section_from_dict
+from defectae.stores.prepared import read_strings
+
+FORMAT = "defectae-residuals"
+FORMAT_VERSION = 1
+SPLITS = ("test", "validation")
+COPIED = ("names", "defect_types", "labels", "files", "orig_sizes")
+_FIELDS = ("residuals", "scores", "names", "defect_types", "labels")
+
+
+@dataclass
+class SplitWriter:
+    """The preallocated datasets of one split, filled a few images at a time."""
+
+    residuals: h5py.Dataset  # (N, 1, H, W) float16
+    scores: h5py.Dataset  # (N,) float32
+    recon: h5py.Dataset | None  # (N, C, H, W) uint8
+
+    def write(self, start: int, residual: np.ndarray, score: np.ndarray, recon: np.ndarray) -> None:
+        stop = start + len(score)
+        self.residuals[start:stop] = residual.astype(np.float16)
+        self.scores[start:stop] = score
+        if self.recon is not None:
+            self.recon[start:stop] = recon
+
+
+@contextlib.contextmanager
+def create_residuals(path: Path, tile: TileConfig, **attrs: str) -> Iterator[h5py.File]:
+    """Open a new residuals.h5 for writing (atomically: renamed into place when the block ends).
+
+    `tile` is recorded as the test-time settings; `attrs` are the provenance attributes.
+    """
+    with atomic_path(path) as tmp, h5py.File(tmp, "w", track_order=True) as f:
+        f.attrs["format"] = FORMAT
+        f.attrs["format_version"] = FORMAT_VERSION
+        for key, value in attrs.items():
+            f.attrs[key] = value
+        f.attrs["tile"] = json.dumps(to_dict(tile))
+        f.attrs["version"] = __version__
+        yield f
+
+
+def create_split(dst: h5py.File, src: h5py.File, split: str, save_recon: bool) -> SplitWriter:
+    """Copy a prepared split's labels and names into `dst` and preallocate its maps."""
+    n, c, h, w = src[f"{split}/images"].shape
+    g = dst.create_group(split)
+    for key in COPIED:
+        src.copy(src[f"{split}/{key}"], g, name=key)
+    chunks = n > 0
+    residuals = g.create_dataset(
+        "residuals", (n, 1, h, w), np.float16, chunks=(1, 1, h, w) if chunks else None
+    )
+    scores = g.create_dataset("scores", (n,), np.float32)
+    recon = None
+    if save_recon:
+        recon = g.create_dataset(
+            "recon", (n, c, h, w), np.uint8, chunks=(1, c, h, w) if chunks else None
+        )
+    return SplitWriter(residuals, scores, recon)
+
+
+@dataclass
+class Residuals:
+    """The test and validation maps of one tile-test run, held in memory."""
+
+    path: Path
+    attrs: dict[str, Any]
+    tile: TileConfig  # the test-time settings that made the maps
+    maps: np.ndarray  # (N, H, W) float16
+    scores: np.ndarray  # (N,) float32
+    names: list[str]
+    types: list[str]
+    labels: np.ndarray  # (N,) uint8
+    val_maps: np.ndarray | None  # (M, H, W) float16
+    has_recon: bool
+
+
+def open_residuals(path: str | Path) -> h5py.File:
+    """residuals.h5 opened read-only after checking its format, version and datasets."""
+    return open_h5(path, FORMAT, FORMAT_VERSION, "tile-test", [f"test/{k}" for k in _FIELDS])
+
+
+def _tile_of(f: h5py.File, path: Path) -> TileConfig:
+    try:
+        data = json.loads(str(f.attrs["tile"]))
+    except (KeyError, json.JSONDecodeError):
+        raise DefectaeError(
+            f"{path}: attribute 'tile' (the test-time settings) is missing"
+        ) from None
+    return section_from_dict(TileConfig, "tile", data, f"{path} (tile)")
+
+
+def read_tile(path: str | Path) -> TileConfig:
+    """The test-time settings recorded in a residuals.h5."""
+    with open_residuals(path) as f:
+        return _tile_of(f, Path(path))
+
+
+def read_residuals(path: str | Path) -> Residuals:
+    """Read and check residuals.h5 (format, version, fields, shapes, finite values)."""
+    path = Path(path)
+    with open_residuals(path) as f:
+        maps = f["test/residuals"]
+        if maps.ndim != 4 or maps.shape[1] != 1:
+            raise DefectaeError(
+                f"{path}: test/residuals has shape {maps.shape}, expected (N, 1, H, W)"
+            )
+        n = maps.shape[0]
+        if n == 0:
+            raise DefectaeError(f"{path}: the test split is empty")
+        for key in _FIELDS[1:]:
+            if len(f[f"test/{key}"]) != n:
+                raise DefectaeError(
+                    f"{path}: test/{key} has {len(f[f'test/{key}'])} entries, test/residuals {n}"
+                )
+        test = maps[()][:, 0].astype(np.float16, copy=False)
+        val = None
+        if "validation/residuals" in f and len(f["validation/residuals"]):
+            val = f["validation/residuals"][()][:, 0].astype(np.float16, copy=False)
+            if val.shape[1:] != test.shape[1:]:
+                raise DefectaeError(
+                    f"{path}: validation maps are {_hw(val)}, test maps {_hw(test)}"
+                )
+        for key, array in (("test/residuals", test), ("validation/residuals", val)):
+            if array is not None and not np.isfinite(array).all():
+                raise DefectaeError(f"{path}: {key} contains NaN or infinite values")
+        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+        return Residuals(
+            path=path,
+            attrs=attrs,
+            tile=_tile_of(f, path),
+            maps=test,
+            scores=f["test/scores"][()].astype(np.float32),
+            names=read_strings(f, "test/names"),
+            types=read_strings(f, "test/defect_types"),
+            labels=f["test/labels"][()].astype(np.uint8),
+            val_maps=val,
+            has_recon="test/recon" in f,
+        )
+
+
+def read_validation_maps(path: str | Path) -> np.ndarray | None:
+    """The validation maps (M, 1, H, W) float16 of a residuals.h5, or None when it has none."""
+    with open_residuals(path) as f:
+        if "validation/residuals" not in f or not len(f["validation/residuals"]):
+            return None
+        return f["validation/residuals"][()]
+
+
+def _hw(maps: np.ndarray) -> str:
+    return f"{maps.shape[-2]}x{maps.shape[-1]}"
