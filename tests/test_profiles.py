@@ -74,8 +74,9 @@ def test_shipped_dataset_profiles() -> None:
 
 
 def test_every_dataset_profile_starts_with_a_comment() -> None:
-    shipped = Path(__file__).resolve().parents[1] / "profiles" / "datasets"
-    for path in sorted(shipped.glob("*.toml")):
+    shipped = sorted((Path(__file__).resolve().parents[1] / "profiles" / "datasets").glob("*.toml"))
+    assert len(shipped) >= 20, "the shipped dataset profiles were not found"
+    for path in shipped:
         assert path.read_text().startswith("# "), path
 
 
@@ -256,3 +257,9 @@ def test_cli_show_prints_the_resolved_profile() -> None:
     r = _cli("profiles", "show", "magnetic-tile-ae", "--root", "/x")
     assert r.returncode == 0, r.stderr
     assert r.stdout == to_toml(profiles.resolve("magnetic-tile-ae", [], "/x"))
+
+
+def test_defaults_are_not_shared_mutable_objects() -> None:
+    assert profiles.TileConfig().residual is not profiles.TileConfig().residual
+    a, b = profiles.Profile(), profiles.Profile()
+    assert a == b and a.dataset.folders.defect_dirs is not b.dataset.folders.defect_dirs

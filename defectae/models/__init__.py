@@ -1,5 +1,10 @@
-"""Model zoo: plain nn.Modules found through one registry (see registry.py)."""
+"""Model zoo: plain nn.Modules found through one registry (see registry.py).
 
+Importing the package imports every family module, which registers its builders, as
+torchvision.models does; the registry itself imports no family.
+"""
+
+from defectae.models import ae, aitex_vae, cnnae, diffae, resnetae, specvae, vitae  # noqa: F401
 from defectae.models.registry import FAMILIES, Family, build_model, get_family, register
 
 __all__ = ["FAMILIES", "Family", "build_model", "get_family", "register"]

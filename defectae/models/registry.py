@@ -53,8 +53,6 @@ def register(
 
 def get_family(name: str) -> Family:
     """The registered family, or a user error naming the nearest valid name."""
-    from defectae.models import _load_all  # noqa: F401  (registers every family)
-
     if name not in FAMILIES:
         near = difflib.get_close_matches(name, list(FAMILIES), n=1)
         hint = (

@@ -7,7 +7,8 @@ error messages and `defectae profiles show`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+from dataclasses import dataclass, field, is_dataclass
 from typing import Any, Literal
 
 Range = tuple[float | None, float | None]
@@ -16,8 +17,8 @@ Range = tuple[float | None, float | None]
 def opt(default: Any, lo: float | None = None, hi: float | None = None, doc: str = "") -> Any:
     """A dataclass field with an inclusive numeric range and a short description."""
     meta = {"range": (lo, hi), "doc": doc}
-    if isinstance(default, (list, dict, tuple)):
-        return field(default_factory=lambda: default, metadata=meta)
+    if isinstance(default, (list, dict)) or is_dataclass(default):  # a fresh copy per instance
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
