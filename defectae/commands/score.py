@@ -15,18 +15,18 @@ from typing import Any
 
 import h5py
 import numpy as np
-from PIL import Image
 from rich.table import Table
 
 from defectae import __version__, console, profiles, workspace
 from defectae.commands import report
 from defectae.core import metrics
+from defectae.data.images import read_mask, resize_mask
 from defectae.errors import DefectaeError
 from defectae.files import sha256_file
 from defectae.profiles import Profile, ScoreConfig, to_dict
 from defectae.profiles.load import PROFILE_FILE
 from defectae.stores.prepared import file_attr_json, open_prepared, read_strings
-from defectae.stores.residuals import Residuals, read_residuals
+from defectae.stores.residuals import Residuals, open_residuals, read_residuals
 from defectae.stores.scores import write_metrics
 
 
@@ -223,12 +223,7 @@ def masks_from_folder(gt: Path, res: Residuals) -> np.ndarray:
                     f"{path}: no ground-truth mask for defective test image '{t}/{name}'"
                 )
             continue
-        try:
-            with Image.open(path) as im:
-                mask = im.convert("L").resize((w, h), Image.Resampling.NEAREST)
-        except OSError:
-            raise DefectaeError(f"{path}: not a readable image") from None
-        masks[i] = np.asarray(mask) > 0
+        masks[i] = resize_mask(read_mask(path), (h, w))
     return masks
 
 
@@ -309,7 +304,7 @@ def _write_panels(
     )
     value_range = (float(res.maps.min()), float(res.maps.max()))
     images = open_prepared(prepared) if prepared is not None else None
-    recon = h5py.File(res.path, "r") if res.has_recon else None
+    recon = open_residuals(res.path) if res.has_recon else None
     entries, pending = [], []
     # Reading stays in this thread (HDF5); drawing and PNG encoding, which release the GIL, use a pool.
     workers = min(4, os.cpu_count() or 1)
