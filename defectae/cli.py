@@ -6,13 +6,18 @@ User errors (DefectaeError) become one red line and exit code 2; Ctrl-C exits wi
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
+import tempfile
+import time
+import traceback
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
-from defectae import console
+from defectae import __version__, console, workspace
 from defectae.errors import DefectaeError
 
 app = typer.Typer(
@@ -302,8 +307,32 @@ def _hoist_global_flags(argv: list[str]) -> list[str]:
     return flags + [a for a in argv if a not in GLOBAL_FLAGS]
 
 
+def _crash_log(exc: BaseException) -> Path:
+    """Write the full traceback of an internal error to a log file and return its path."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    text = "".join(traceback.format_exception(exc))
+    for folder in (workspace.home() / "logs", Path(tempfile.gettempdir())):
+        path = folder / f"defectae-crash-{stamp}-{os.getpid()}.log"
+        with contextlib.suppress(OSError):
+            folder.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"defectae {__version__}\n{' '.join(sys.argv)}\n\n{text}")
+            return path
+    return Path("(no writable folder for the log)")
+
+
+def _os_error(e: OSError) -> str:
+    """An operating-system refusal (permission, a folder where a file belongs, disk full) as one line."""
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    what = e.strerror or type(e).__name__
+    return f"{where}: {what.lower()}" if where else what
+
+
 def main() -> None:
-    """Console entry point: one red line and exit 2 for user errors, 130 for Ctrl-C."""
+    """Console entry point: every failure is one line on stderr.
+
+    Exit codes: 0 success, 2 a user error (bad input, bad usage, a file the system refused),
+    130 Ctrl-C, 1 an internal error (a bug: the traceback goes to a log file, named on the line).
+    """
     try:
         code = app(
             args=_hoist_global_flags(sys.argv[1:]), prog_name="defectae", standalone_mode=False
@@ -320,13 +349,18 @@ def main() -> None:
         sys.exit(e.exit_code)
     except typer.Abort:
         sys.exit(130)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(2)
-        raise
+    except typer.TyperException as e:  # usage: unknown command or option, bad or missing value
+        console.error(f"{e.format_message()} (see `defectae --help`)")
+        sys.exit(2)
+    except OSError as e:
+        console.error(_os_error(e))
+        sys.exit(2)
+    except Exception as e:  # noqa: BLE001 - the last line of defence: never a raw traceback
+        console.error(
+            f"internal error, a bug in defectae ({type(e).__name__}); "
+            f"the full traceback is in {_crash_log(e)}"
+        )
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 T = TypeVar("T")
 
@@ -43,7 +44,7 @@ mode = OutputMode()
 def info(message: str) -> None:
     """A normal progress message (suppressed by --quiet)."""
     if not mode.quiet:
-        stderr.print(message)
+        stderr.print(message, soft_wrap=True)  # never wrap a path or command mid-way
 
 
 def debug(message: str) -> None:
@@ -54,12 +55,12 @@ def debug(message: str) -> None:
 
 def warn(message: str) -> None:
     """A one-line warning; shown even with --quiet."""
-    stderr.print(f"[yellow]warning:[/yellow] {message}")
+    stderr.print(Text.assemble(("warning: ", "yellow"), message), soft_wrap=True)
 
 
 def error(message: str) -> None:
     """The one red line for a user error."""
-    stderr.print(f"[bold red]error:[/bold red] {message}", soft_wrap=True)
+    stderr.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
 
 
 def show(renderable: Any) -> None:

@@ -1,0 +1,72 @@
+"""The installed `defectae` console script, run as users run it: every failure is one line.
+
+User errors (bad usage, bad input, a file the system refused) exit 2; an internal error exits 1
+with one line naming the log file that holds the traceback. Never a raw traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+DEFECTAE = Path(sys.executable).with_name("defectae")
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None):
+    return subprocess.run(
+        [str(DEFECTAE), *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
+
+
+def assert_one_line_error(result, code: int, *needles: str) -> None:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == code, result.stderr
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr and lines[0].startswith("error: ")
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["export"], "--run"),
+        (["train", "--bogus"], "--bogus"),
+        (["export", "--run", "x", "--tolerance", "abc"], "--tolerance"),
+        (["nonsense"], "nonsense"),
+        (["tile-test", "--run"], "--run"),
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_2(args, needle, tmp_path):
+    assert_one_line_error(run_cli(*args, cwd=tmp_path), 2, needle)
+
+
+def test_an_internal_error_is_one_line_naming_the_log_with_the_traceback(tmp_path):
+    code = (
+        "import sys; from defectae import cli\n"
+        "@cli.app.command()\n"
+        "def boom() -> None:\n"
+        "    raise ZeroDivisionError('deliberate')\n"
+        "sys.argv = ['defectae', 'boom']\n"
+        "cli.main()\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "DEFECTAE_HOME": str(tmp_path)},
+        timeout=300,
+    )
+    assert_one_line_error(result, 1, "a bug in defectae", "ZeroDivisionError")
+    log = Path(result.stderr.strip().rsplit(" ", 1)[-1])
+    assert log.parent == tmp_path / "logs" and "deliberate" in log.read_text()
