@@ -263,3 +263,12 @@ def test_defaults_are_not_shared_mutable_objects() -> None:
     assert profiles.TileConfig().residual is not profiles.TileConfig().residual
     a, b = profiles.Profile(), profiles.Profile()
     assert a == b and a.dataset.folders.defect_dirs is not b.dataset.folders.defect_dirs
+
+
+@pytest.mark.parametrize(
+    "item", ["train.lr=nan", "train.lr=inf", "loss.alpha=-inf", "model.args.dropout=nan"]
+)
+def test_non_finite_numbers_are_refused(item: str) -> None:
+    key = item.split("=")[0]
+    with pytest.raises(DefectaeError, match=rf"key '{key}': expected a finite number"):
+        profiles.resolve("magnetic-tile-ae", sets=[item])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import sys
 import types
@@ -286,6 +287,9 @@ def _coerce(hint: Any, value: Any, path: tuple[str, ...], source: Any) -> Any:
     def bad(expected: str) -> DefectaeError:
         return DefectaeError(f"{source(path)}: key '{where}': expected {expected}, got {value!r}")
 
+    if not isinstance(value, (dict, list, tuple)) or hint is Any:
+        if not _all_finite(value):
+            raise bad("a finite number (nan and inf are not settings)")
     if dataclasses.is_dataclass(hint):
         return _to_dataclass(hint, value, path, source)
     origin = get_origin(hint)
@@ -335,6 +339,17 @@ def _coerce(hint: Any, value: Any, path: tuple[str, ...], source: Any) -> Any:
                 continue
         raise bad(_type_name(hint))
     raise TypeError(f"unsupported schema type {hint!r} at {where}")
+
+
+def _all_finite(value: Any) -> bool:
+    """False when a float anywhere in the value (lists and tables included) is nan or infinite."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_all_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(_all_finite(v) for v in value)
+    return True
 
 
 def _check_range(
