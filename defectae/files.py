@@ -11,7 +11,10 @@ from pathlib import Path
 
 import h5py
 
+from defectae import console
 from defectae.errors import DefectaeError
+
+PART_SEP = "~"  # .NAME.PID~RANDOM.part: the pid tells whether the writer still runs
 
 
 @contextlib.contextmanager
@@ -23,7 +26,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    remove_stale_parts(path.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.{os.getpid()}{PART_SEP}", suffix=".part", dir=path.parent
+    )
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(
@@ -34,6 +40,36 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def _writer_alive(part: Path) -> bool:
+    """Whether the process that is writing a .part file still runs (its pid is in the name)."""
+    try:
+        pid = int(part.name.rsplit(PART_SEP, 1)[0].rsplit(".", 1)[1])
+    except (IndexError, ValueError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_parts(folder: Path) -> list[Path]:
+    """Delete the .part files a killed command left in `folder` (their writer no longer runs)."""
+    removed = []
+    for part in folder.glob(".*.part"):
+        if not _writer_alive(part):
+            with contextlib.suppress(OSError):
+                part.unlink()
+                removed.append(part)
+    if removed:
+        console.info(
+            f"removed {len(removed)} partial file(s) left by an interrupted run in {folder}"
+        )
+    return removed
 
 
 def _umask() -> int:

@@ -70,3 +70,18 @@ def test_an_internal_error_is_one_line_naming_the_log_with_the_traceback(tmp_pat
     assert_one_line_error(result, 1, "a bug in defectae", "ZeroDivisionError")
     log = Path(result.stderr.strip().rsplit(" ", 1)[-1])
     assert log.parent == tmp_path / "logs" and "deliberate" in log.read_text()
+
+
+def test_partial_files_of_killed_writers_are_removed_by_the_next_write(tmp_path):
+    from defectae.files import write_text_atomic
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    stale = tmp_path / f".patches.h5.{int(dead.stdout)}~abc.part"
+    stale.write_bytes(b"x" * 100)
+    live = tmp_path / f".other.h5.{os.getpid()}~abc.part"  # a writer that still runs
+    live.write_bytes(b"y")
+    write_text_atomic(tmp_path / "out.txt", "done")
+    assert not stale.exists() and live.exists() and (tmp_path / "out.txt").read_text() == "done"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "out.txt"]
