@@ -102,6 +102,10 @@ def open_h5(
     """
     path = Path(path)
     kind = fmt.removeprefix("defectae-")
+    if path.is_dir():
+        raise DefectaeError(
+            f"{path}: is a folder; expected a {kind} file written by `defectae {command}`"
+        )
     if not path.is_file():
         raise DefectaeError(f"{path}: {kind} file not found; run `defectae {command}` first")
     try:

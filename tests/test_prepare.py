@@ -862,3 +862,25 @@ def test_prepare_download(tmp_path: Path, home: Path, no_proxy, monkeypatch) -> 
         )
     assert s["splits"]["test_defect"] == 3
     assert Path(s["source"]) == tmp_path / "cache" / f"{digest[:12]}-widget.tar.gz.d"
+
+
+def test_root_may_be_the_category_folder_itself(tmp_path: Path, home: Path) -> None:
+    root = make_mvtec(tmp_path / "mvtec")
+    via_parent = _run_mvtec(root, tmp_path)
+    (tmp_path / "p.h5").rename(tmp_path / "parent.h5")
+    via_category = _run_mvtec(root / "widget", tmp_path)
+    assert (
+        via_category["splits"]
+        == via_parent["splits"]
+        == {
+            "train": 5,
+            "validation": 1,
+            "test_good": 2,
+            "test_defect": 3,
+        }
+    )
+
+
+def test_a_folder_given_as_a_prepared_file_is_named_as_a_folder(tmp_path: Path) -> None:
+    with pytest.raises(DefectaeError, match=r"is a folder; expected a prepared file"):
+        open_prepared(tmp_path)

@@ -102,6 +102,11 @@ def _write_split(
         advance(stop - start)
 
 
+def _root_name(profile: Profile) -> str:
+    """The category an MVTec evaluator expects when the root is the category folder itself."""
+    return Path(profile.dataset.root).name or profile.dataset.name
+
+
 def _test_settings(run_dir: Path, trained: Profile, profile: Profile | None) -> Profile:
     """The run's training profile with the [tile] section tile-test uses (see the module doc)."""
     if profile is not None:
@@ -143,7 +148,7 @@ def run(
             raise DefectaeError(
                 f"model.input_size {patch}: larger than the prepared images ({h}x{w}) in {prepared}"
             )
-        category = str(src.attrs.get("category", "") or eff.dataset.category or eff.dataset.name)
+        category = str(src.attrs.get("category", "") or eff.dataset.category or _root_name(eff))
         model = compile_or_eager(
             model.to(device),
             tile.compile,

@@ -27,13 +27,12 @@ GOOD = "good"
 
 
 def category_dir(root: Path, category: str) -> Path:
-    """The category folder: root/category, or root itself when no category is set."""
+    """The category folder: root/category, or root itself when no category is set or when
+    root already is the category folder (`--root .../tire`)."""
     require_dir(root, "the dataset root (dataset.root)")
-    return (
-        require_dir(root / category, f"the category '{category}' (dataset.category)")
-        if category
-        else root
-    )
+    if not category or (root.name == category and not (root / category).is_dir()):
+        return root
+    return require_dir(root / category, f"the category '{category}' (dataset.category)")
 
 
 def _good(paths: list[Path], root: Path) -> list[Sample]:
