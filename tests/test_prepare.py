@@ -884,3 +884,17 @@ def test_root_may_be_the_category_folder_itself(tmp_path: Path, home: Path) -> N
 def test_a_folder_given_as_a_prepared_file_is_named_as_a_folder(tmp_path: Path) -> None:
     with pytest.raises(DefectaeError, match=r"is a folder; expected a prepared file"):
         open_prepared(tmp_path)
+
+
+def test_enlarged_and_squashed_images_are_named_in_a_warning(
+    tmp_path: Path, home: Path, capsys
+) -> None:
+    root = make_mvtec(tmp_path / "mvtec")  # 40x48 images
+    _run_mvtec(root, tmp_path, "dataset.image_size=[80, 96]")
+    err = " ".join(capsys.readouterr().err.split())
+    assert "11 image(s) are smaller than dataset.image_size 80x96" in err and "40x48" in err
+    assert "aspect ratio" not in err
+    _run_mvtec(root, tmp_path, "dataset.image_size=[40, 40]")
+    err = " ".join(capsys.readouterr().err.split())
+    assert "11 image(s) have another aspect ratio than dataset.image_size 40x40" in err
+    assert "smaller" not in err

@@ -196,6 +196,32 @@ def _show(summary: dict[str, Any], splits: dict[str, PreparedSplit]) -> None:
     console.show(types)
 
 
+def _warn_sizes(splits: dict[str, PreparedSplit], size: tuple[int, int]) -> None:
+    """Say when images were enlarged or squashed to dataset.image_size: both change what a
+    defect looks like, and the user should know which images and by how much."""
+    h, w = size
+    names = [
+        (n, f, tuple(o))
+        for n, s in splits.items()
+        for f, o in zip(s.files, s.orig_sizes, strict=True)
+    ]
+    small = [(f, o) for _, f, o in names if o[0] < h or o[1] < w]
+    if small:
+        f, o = min(small, key=lambda x: x[1][0] * x[1][1])
+        console.warn(
+            f"{len(small)} image(s) are smaller than dataset.image_size {h}x{w} and were enlarged "
+            f"(smallest: {f}, {o[0]}x{o[1]})"
+        )
+    target = w / h
+    squashed = [(f, o) for _, f, o in names if abs((o[1] / o[0]) / target - 1) > 0.05]
+    if squashed:
+        f, o = squashed[0]
+        console.warn(
+            f"{len(squashed)} image(s) have another aspect ratio than dataset.image_size {h}x{w} "
+            f"and were squashed to it (e.g. {f}, {o[0]}x{o[1]})"
+        )
+
+
 def run(
     profile: str | None,
     sets: list[str],
@@ -271,6 +297,7 @@ def run(
     write_prepared(out, splits, attrs)
     profile_path = out.with_name(f"{out.stem}.profile.toml")
     write_text_atomic(profile_path, profiles.to_toml(prof))
+    _warn_sizes(splits, tuple(ds.image_size))
     if empty_masks:
         console.warn(
             f"{len(empty_masks)} defective image(s) have an all-zero mask and stay labelled defective: "
