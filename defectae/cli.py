@@ -233,7 +233,9 @@ def export(
     tolerance: Annotated[
         Optional[float],
         typer.Option(
-            "--tolerance", help="Largest max-abs difference from the eager model (default 1e-4)."
+            "--tolerance",
+            min=0.0,
+            help="Largest max-abs difference from the eager model (default 1e-4).",
         ),
     ] = None,
 ) -> None:

@@ -25,6 +25,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     never sees a partial output and an earlier complete file is kept.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DefectaeError(f"{path}: is a folder; expected the path of a file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_parts(path.parent)
     fd, tmp = tempfile.mkstemp(

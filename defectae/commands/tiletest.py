@@ -126,6 +126,10 @@ def run(
 ) -> dict[str, Any]:
     """Tile-test a run's checkpoint on prepared.h5; write residuals.h5 and its profile beside it."""
     started = time.perf_counter()
+    if export_maps is not None and Path(export_maps).exists() and not Path(export_maps).is_dir():
+        raise DefectaeError(
+            f"--export-maps {export_maps}: is a file; expected a folder for the maps"
+        )
     if run is None:
         if profile is None:
             raise DefectaeError("--run: expected a run folder, or --profile to use its latest run")
