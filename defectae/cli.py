@@ -133,7 +133,7 @@ def train(
         Optional[Path], typer.Option("--resume", help="Continue the run in RUN_DIR from last.pt.")
     ] = None,
     amp: Annotated[Optional[str], typer.Option("--amp", help="auto, bf16, fp16 or off.")] = None,
-    compile: Annotated[Optional[str], typer.Option("--compile", help="on or off.")] = None,
+    compile_mode: Annotated[Optional[str], typer.Option("--compile", help="on or off.")] = None,
     find_batch_size: Annotated[
         bool, typer.Option("--find-batch-size", help="Find the largest batch that fits, then stop.")
     ] = False,
@@ -151,7 +151,7 @@ def train(
             patches=patches,
             resume=resume,
             amp=amp,
-            compile=compile,
+            compile_model=compile_mode,
             find_batch_size=find_batch_size,
             write_batch_size=write_batch_size,
         )

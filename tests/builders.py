@@ -8,28 +8,24 @@ import torch
 
 from defectae import profiles
 from defectae.models import build_model
-from defectae.stores.checkpoint import save_checkpoint
+from defectae.stores.checkpoint import CheckpointState, save_checkpoint
 
 
 def untrained_checkpoint(run_dir: Path, profile: profiles.Profile, name: str = "best.pt") -> Path:
-    """Save a freshly initialised (seed 0) model of the profile as RUN/name, with every checkpoint key."""
+    """Save a freshly initialised (seed 0) model of the profile as RUN/name, a CheckpointState."""
     torch.manual_seed(0)
     model = build_model(
         profile.model.family, profile.dataset.channels, profile.model.input_size, profile.model.args
     )
-    state = {
-        "model": model.state_dict(),
-        "optimizer": {},
-        "scheduler": {},
-        "scaler": {},
-        "epoch": 1,
-        "step": 1,
-        "rng": {},
-        "profile": profiles.to_dict(profile),
-        "family": profile.model.family,
-        "in_channels": profile.dataset.channels,
-        "best_val": 0.0,
-    }
+    state = CheckpointState(
+        model=model.state_dict(),
+        profile=profiles.to_dict(profile),
+        family=profile.model.family,
+        in_channels=profile.dataset.channels,
+        epoch=1,
+        step=1,
+        best_val=0.0,
+    )
     run_dir.mkdir(parents=True, exist_ok=True)
     save_checkpoint(state, run_dir / name)
     return run_dir / name

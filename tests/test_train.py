@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,9 +19,14 @@ import torch
 from defectae import profiles
 from defectae.commands import train
 from defectae.errors import DefectaeError
-from defectae.stores.checkpoint import load_checkpoint, load_model
+from defectae.stores.checkpoint import (
+    TRAINED_SECTIONS,
+    CheckpointState,
+    load_checkpoint,
+    load_model,
+)
 from defectae.stores.patches import write_patches
-from defectae.training import step
+from defectae.training import batch_size, loop, step
 
 PATCH, N_TRAIN, BATCH, EPOCHS = 16, 128, 16, 3
 STEPS = N_TRAIN // BATCH
@@ -147,6 +153,31 @@ def test_a_tiny_ae_lowers_its_validation_loss_and_writes_the_run(reference, patc
     assert set(state["rng"][0]) >= {"torch", "numpy", "python"}
 
 
+def test_the_checkpoint_keeps_what_training_read_and_loads_as_a_full_profile(reference):
+    path = Path(reference["run_dir"]) / "last.pt"
+    state = load_checkpoint(path)
+    assert CheckpointState.from_dict(state).to_dict().keys() == state.keys() - {
+        "version",
+        "format_version",
+    }
+    assert tuple(state["profile"]) == TRAINED_SECTIONS  # no [tile] or [score]
+    _, profile, _ = load_model(path)
+    defaults = profiles.Profile()
+    assert profile == dataclasses.replace(make_profile(), tile=defaults.tile, score=defaults.score)
+
+
+def test_resuming_a_finished_run_ignores_test_time_settings_and_keeps_its_profile_toml(
+    reference, tmp_path, capsys
+):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference["run_dir"], run_dir)
+    written = (run_dir / "profile.toml").read_text()
+    summary = train.run(make_profile("tile.stride=8", "score.quantile=0.5"), resume=run_dir)
+    assert summary["epochs"] == EPOCHS and summary["steps"] == EPOCHS * STEPS
+    assert "differs" not in capsys.readouterr().err
+    assert (run_dir / "profile.toml").read_text() == written
+
+
 def test_tensorboard_event_files_hold_the_expected_tags(reference):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -180,7 +211,7 @@ def test_tensorboard_event_files_hold_the_expected_tags(reference):
 def test_resume_after_an_interruption_ends_with_identical_weights(
     reference, patches, home, monkeypatch, capsys
 ):
-    real_validate, calls = train.validate, []
+    real_validate, calls = loop.validate, []
 
     def interrupt_in_epoch_2(*args, **kwargs):
         calls.append(1)
@@ -188,12 +219,12 @@ def test_resume_after_an_interruption_ends_with_identical_weights(
             raise KeyboardInterrupt
         return real_validate(*args, **kwargs)
 
-    monkeypatch.setattr(train, "validate", interrupt_in_epoch_2)
+    monkeypatch.setattr(loop, "validate", interrupt_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         train.run(make_profile(), patches=patches)
     (run_dir,) = (home / "runs" / "synthetic-ae").iterdir()
     assert load_checkpoint(run_dir / "last.pt")["epoch"] == 1
-    monkeypatch.setattr(train, "validate", real_validate)
+    monkeypatch.setattr(loop, "validate", real_validate)
     summary = train.run(
         make_profile("train.epochs=9"), resume=run_dir
     )  # the run keeps its own profile
@@ -259,8 +290,8 @@ def test_kill_9_mid_epoch_then_resume_matches_the_uninterrupted_run(reference, p
 def test_a_nan_loss_stops_with_epoch_and_step_and_keeps_the_checkpoints(patches, home, monkeypatch):
     real, calls, before = step.compute_losses, [], {}
 
-    def nan_at_epoch_3(out, target, cfg, epoch=0, corruption_mask=None):
-        terms = real(out, target, cfg, epoch, corruption_mask)
+    def nan_at_epoch_3(out, target, **kwargs):
+        terms = real(out, target, **kwargs)
         if torch.is_grad_enabled():
             calls.append(1)
             if len(calls) == 2 * STEPS + 2:  # the second step of epoch 3
@@ -286,7 +317,7 @@ def test_early_stopping_stops_at_the_right_epoch(
     def fixed_validation(*args, **kwargs):
         return {"total": next(totals), "recon": 0.1, "ssim": 0.5}
 
-    monkeypatch.setattr(train, "validate", fixed_validation)
+    monkeypatch.setattr(loop, "validate", fixed_validation)
     summary = train.run(
         make_profile(
             "train.epochs=6", f"train.patience={patience}", f"train.min_delta={min_delta}"
@@ -306,24 +337,24 @@ def test_early_stopping_stops_at_the_right_epoch(
 
 def test_learning_rate_schedules():
     cfg = make_profile("train.epochs=10", "train.warmup_epochs=2").train
-    cosine = train.lr_factor(cfg, steps_per_epoch=10)
+    cosine = step.lr_factor(cfg, steps_per_epoch=10)
     assert [cosine(s) for s in (0, 9, 19)] == pytest.approx([0.05, 0.5, 1.0])
     assert (
         cosine(20) == pytest.approx(1.0) and cosine(60) == pytest.approx(0.5) and cosine(99) < 1e-3
     )
-    step = train.lr_factor(
+    decay = step.lr_factor(
         dataclasses.replace(cfg, scheduler="step", warmup_epochs=0, step_size=3, gamma=0.5), 10
     )
-    assert [step(s) for s in (0, 29, 30, 60, 99)] == pytest.approx([1, 1, 0.5, 0.25, 0.125])
-    none = train.lr_factor(dataclasses.replace(cfg, scheduler="none", warmup_epochs=0), 10)
+    assert [decay(s) for s in (0, 29, 30, 60, 99)] == pytest.approx([1, 1, 0.5, 0.25, 0.125])
+    none = step.lr_factor(dataclasses.replace(cfg, scheduler="none", warmup_epochs=0), 10)
     assert {none(s) for s in range(100)} == {1.0}
 
 
 def test_ddp_ranks_together_read_the_single_process_batches():
-    single = train.epoch_order(seed=3, epoch=5, steps=7)
-    ranks = [train.epoch_order(seed=3, epoch=5, steps=7, world=2, rank=r) for r in (0, 1)]
+    single = step.epoch_order(seed=3, epoch=5, steps=7)
+    ranks = [step.epoch_order(seed=3, epoch=5, steps=7, world=2, rank=r) for r in (0, 1)]
     assert [{a, b} for a, b in zip(*ranks, strict=True)] == [{2 * g, 2 * g + 1} for g in single]
-    assert train.epoch_order(3, 6, 7) != single and train.epoch_order(3, 5, 7) == single
+    assert step.epoch_order(3, 6, 7) != single and step.epoch_order(3, 5, 7) == single
 
 
 def test_largest_batch_doubles_then_bisects():
@@ -333,11 +364,11 @@ def test_largest_batch_doubles_then_bisects():
         tried.append(b)
         return b < 38
 
-    assert train.largest_batch(fits_below_38, cap=4096) == 37
+    assert batch_size.largest_batch(fits_below_38, cap=4096) == 37
     assert tried[:7] == [1, 2, 4, 8, 16, 32, 64] and len(tried) <= 13
-    assert train.largest_batch(lambda b: True, cap=100) == 100
+    assert batch_size.largest_batch(lambda b: True, cap=100) == 100
     with pytest.raises(DefectaeError, match="batch of 1"):
-        train.largest_batch(lambda b: False, cap=8)
+        batch_size.largest_batch(lambda b: False, cap=8)
 
 
 def test_find_batch_size_reports_and_write_batch_size_trains_with_it(patches, home):
@@ -369,7 +400,7 @@ def test_bad_inputs_are_one_line_errors(reference, patches, tmp_path):
             "--amp 'fast': expected one of auto",
         ),
         (
-            dict(profile=make_profile(), patches=patches, compile="maybe"),
+            dict(profile=make_profile(), patches=patches, compile_model="maybe"),
             "--compile 'maybe': expected one of on",
         ),
         (
@@ -457,6 +488,8 @@ def test_two_process_ddp_equals_single_process_with_the_same_global_batch(
 @pytest.mark.slow
 def test_compile_on_trains_or_falls_back_to_eager_with_a_warning(patches, home):
     summary = train.run(
-        make_profile("train.epochs=1", "train.log_images_every=0"), patches=patches, compile="on"
+        make_profile("train.epochs=1", "train.log_images_every=0"),
+        patches=patches,
+        compile_model="on",
     )
     assert summary["epochs"] == 1 and summary["best_val"] < 1.0

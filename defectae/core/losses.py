@@ -2,7 +2,9 @@
 
 total = alpha*recon + kld_weight(epoch)*kl + beta*ssim_term + sparse_weight*sparse,
 as the flexible-VAE reference defines it. Every term is returned by name so training
-logs each one. Losses run in float32 whatever the autocast dtype.
+logs each one. The settings are plain keyword arguments (as pytorch-msssim takes them);
+training unpacks the profile's [loss] section once, in `training.step.loss_kwargs`.
+Losses run in float32 whatever the autocast dtype.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from pytorch_msssim import ms_ssim, ssim
 
 from defectae.core.ssim import ssim_map
 from defectae.errors import DefectaeError
-from defectae.profiles.schema import LossConfig
 
 Tensor = torch.Tensor
 
@@ -63,11 +64,11 @@ def kl_divergence(mu: Tensor, logvar: Tensor) -> Tensor:
     return per_sample.mean()
 
 
-def kl_weight(cfg: LossConfig, epoch: int) -> float:
+def kl_weight(epoch: int, kld_weight: float, kl_warmup_epochs: int = 0) -> float:
     """kld_weight, ramped linearly over the first kl_warmup_epochs epochs (epoch is 0-based)."""
-    if cfg.kl_warmup_epochs <= 0:
-        return cfg.kld_weight
-    return cfg.kld_weight * min(1.0, (epoch + 1) / cfg.kl_warmup_epochs)
+    if kl_warmup_epochs <= 0:
+        return kld_weight
+    return kld_weight * min(1.0, (epoch + 1) / kl_warmup_epochs)
 
 
 def _weighted_mean(per_pixel: Tensor, weight: Tensor) -> Tensor:
@@ -82,76 +83,77 @@ def _weighted_recon(
     """Per-pixel reconstruction loss weighted towards the corrupted area (denoising models)."""
     if kind == "l1":
         return _weighted_mean((recon - target).abs(), weight)
-    if kind in ("ssim", "msssim"):
+    if kind == "ssim":
         return _weighted_mean(1.0 - ssim_map(recon, target, window=window), weight)
     return _weighted_mean((recon - target).pow(2), weight)
 
 
-RECON: dict[str, Callable[[Tensor, Tensor, LossConfig], Tensor]] = {
-    "mse": lambda r, t, c: F.mse_loss(r, t),
-    "l1": lambda r, t, c: F.l1_loss(r, t),
-    "ssim": lambda r, t, c: ssim_loss(r, t, c.ssim_window),
-    "msssim": lambda r, t, c: msssim_loss(r, t, c.ssim_window),
-    "frequency": lambda r, t, c: frequency_loss(r, t),
-    "logfrequency": lambda r, t, c: logfrequency_loss(r, t),
-    "hybrid": lambda r, t, c: F.mse_loss(r, t) + c.frequency_weight * frequency_loss(r, t),
-    "hybrid_spatial": lambda r, t, c: (
-        c.frequency_weight * frequency_loss(r, t)
-        + F.mse_loss(r, t)
-        + ssim_loss(r, t, c.ssim_window)
+# each takes (recon, target, ssim_window, frequency_weight)
+RECON: dict[str, Callable[[Tensor, Tensor, int, float], Tensor]] = {
+    "mse": lambda r, t, window, fw: F.mse_loss(r, t),
+    "l1": lambda r, t, window, fw: F.l1_loss(r, t),
+    "ssim": lambda r, t, window, fw: ssim_loss(r, t, window),
+    "msssim": lambda r, t, window, fw: msssim_loss(r, t, window),
+    "frequency": lambda r, t, window, fw: frequency_loss(r, t),
+    "logfrequency": lambda r, t, window, fw: logfrequency_loss(r, t),
+    "hybrid": lambda r, t, window, fw: F.mse_loss(r, t) + fw * frequency_loss(r, t),
+    "hybrid_spatial": lambda r, t, window, fw: (
+        fw * frequency_loss(r, t) + F.mse_loss(r, t) + ssim_loss(r, t, window)
     ),
 }
+WEIGHTED = ("mse", "l1", "ssim")  # the kinds with a per-pixel map that corruption_weight can weight
 
 
 def compute_losses(
     out: dict[str, Tensor],
     target: Tensor,
-    cfg: LossConfig,
+    *,
+    recon: str = "mse",
+    alpha: float = 1.0,
+    beta: float = 0.0,
+    kld_weight: float = 0.0,
+    kl_warmup_epochs: int = 0,
+    sparse_weight: float = 0.0,
+    ssim_window: int = 11,
+    frequency_weight: float = 1.0,
+    corruption_weight: float = 1.0,
     epoch: int = 0,
     corruption_mask: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """Every active loss term by name, plus their weighted sum under "total".
+    """Every active loss term by name ("recon", "kl", "ssim_term", "sparse") and their weighted sum "total".
 
     out: the model's output dict ("recon", and "mu"/"logvar" for VAEs, "z" for a latent code).
     corruption_mask: (B, 1, H, W), 1 on corrupted pixels; with corruption_weight != 1 the
     spatial reconstruction term weighs those pixels corruption_weight times more.
     """
+    if corruption_mask is not None and corruption_weight != 1.0 and recon == "msssim":
+        raise DefectaeError(
+            f"loss.corruption_weight = {corruption_weight}: not available with loss.recon = "
+            "'msssim' (MS-SSIM has no per-pixel map to weight); set it to 1 or use recon 'ssim'"
+        )
     # Autocast would run the SSIM filters in bfloat16, where E[x^2] - E[x]^2 cancels to noise.
     with torch.autocast(device_type=target.device.type, enabled=False):
-        return _compute_losses(out, target.float(), cfg, epoch, corruption_mask)
-
-
-def _compute_losses(
-    out: dict[str, Tensor],
-    target: Tensor,
-    cfg: LossConfig,
-    epoch: int,
-    corruption_mask: Tensor | None,
-) -> dict[str, Tensor]:
-    recon = out["recon"].float()
-    terms: dict[str, Tensor] = {}
-    if (
-        corruption_mask is not None
-        and cfg.corruption_weight != 1.0
-        and cfg.recon in ("mse", "l1", "ssim", "msssim")
-    ):
-        weight = 1.0 + (cfg.corruption_weight - 1.0) * corruption_mask.float()
-        terms["recon"] = _weighted_recon(cfg.recon, recon, target, weight, cfg.ssim_window)
-    else:
-        terms["recon"] = RECON[cfg.recon](recon, target, cfg)
-    total = cfg.alpha * terms["recon"]
-    if "mu" in out and "logvar" in out:
-        terms["kl"] = kl_divergence(out["mu"].float(), out["logvar"].float())
-        total = total + kl_weight(cfg, epoch) * terms["kl"]
-    if cfg.beta > 0:
-        terms["ssim"] = ssim_loss(recon, target, cfg.ssim_window)
-        total = total + cfg.beta * terms["ssim"]
-    if cfg.sparse_weight > 0:
-        if "z" not in out:
-            raise DefectaeError(
-                "loss.sparse_weight > 0: this model family returns no latent code 'z'"
-            )
-        terms["sparse"] = out["z"].float().abs().mean()
-        total = total + cfg.sparse_weight * terms["sparse"]
-    terms["total"] = total
+        target = target.float()
+        pred = out["recon"].float()
+        terms: dict[str, Tensor] = {}
+        if corruption_mask is not None and corruption_weight != 1.0 and recon in WEIGHTED:
+            weight = 1.0 + (corruption_weight - 1.0) * corruption_mask.float()
+            terms["recon"] = _weighted_recon(recon, pred, target, weight, ssim_window)
+        else:
+            terms["recon"] = RECON[recon](pred, target, ssim_window, frequency_weight)
+        total = alpha * terms["recon"]
+        if "mu" in out and "logvar" in out:
+            terms["kl"] = kl_divergence(out["mu"].float(), out["logvar"].float())
+            total = total + kl_weight(epoch, kld_weight, kl_warmup_epochs) * terms["kl"]
+        if beta > 0:
+            terms["ssim_term"] = ssim_loss(pred, target, ssim_window)
+            total = total + beta * terms["ssim_term"]
+        if sparse_weight > 0:
+            if "z" not in out:
+                raise DefectaeError(
+                    "loss.sparse_weight > 0: this model family returns no latent code 'z'"
+                )
+            terms["sparse"] = out["z"].float().abs().mean()
+            total = total + sparse_weight * terms["sparse"]
+        terms["total"] = total
     return terms

@@ -1,13 +1,13 @@
 """Checkpoints: one plain dict, saved atomically, loaded with weights_only=True.
 
-Keys: model, optimizer, scheduler, scaler, epoch (completed epochs), step, rng,
-profile (profiles.to_dict), family, in_channels, best_val, version, format_version.
-`defectae train` adds: best_epoch, bad_epochs (epochs since the best), stopped_early,
-data (the data-order state: seed, batch_size, world_size) and patches (the patches.h5 used).
+`CheckpointState` lists every key. The profile inside keeps only the sections training read;
+test-time settings ([tile], [score]) are decided later and recorded in those commands' outputs.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import pickle
 import zipfile
 from pathlib import Path
@@ -20,16 +20,58 @@ from defectae import __version__
 from defectae.errors import DefectaeError
 from defectae.files import atomic_path
 from defectae.models import build_model
-from defectae.profiles import Profile, from_dict
+from defectae.profiles import Profile, from_dict, to_dict
 
 FORMAT_VERSION = 1
+TRAINED_SECTIONS = ("name", "dataset", "model", "loss", "augment", "corruption", "train")
+META_KEYS = ("version", "format_version")
 
 
-def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    """Write a checkpoint dict atomically (a crash never leaves a truncated .pt)."""
-    state = {**state, "version": __version__, "format_version": FORMAT_VERSION}
+@dataclasses.dataclass
+class CheckpointState:
+    """Every key of a checkpoint; `save_checkpoint` adds version and format_version."""
+
+    model: dict[str, torch.Tensor]  # the plain module's state_dict
+    profile: dict[str, Any]  # profiles.to_dict of the run's profile, saved as `trained_sections`
+    family: str
+    in_channels: int
+    optimizer: dict[str, Any] = dataclasses.field(default_factory=dict)
+    scheduler: dict[str, Any] = dataclasses.field(default_factory=dict)
+    scaler: dict[str, Any] = dataclasses.field(default_factory=dict)
+    epoch: int = 0  # completed epochs
+    step: int = 0  # optimizer steps
+    rng: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # one per DDP rank
+    best_val: float = math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0  # epochs since the best
+    stopped_early: bool = False
+    patches: str = ""  # the patches.h5 trained on
+    data: dict[str, int] = dataclasses.field(default_factory=dict)  # seed, batch_size, world_size
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plain dict torch.save writes (the profile without its test-time sections)."""
+        state = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {**state, "profile": trained_sections(self.profile)}
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> CheckpointState:
+        """The state of a loaded checkpoint dict (keys a writer left out take their defaults)."""
+        return cls(**{k: v for k, v in state.items() if k not in META_KEYS})
+
+
+def trained_sections(profile: Profile | dict[str, Any]) -> dict[str, Any]:
+    """The sections of a profile that training reads, as plain data."""
+    data = to_dict(profile) if isinstance(profile, Profile) else profile
+    return {k: v for k, v in data.items() if k in TRAINED_SECTIONS}
+
+
+def save_checkpoint(state: CheckpointState | dict[str, Any], path: str | Path) -> None:
+    """Write a checkpoint atomically (a crash never leaves a truncated .pt)."""
+    if isinstance(state, dict):
+        state = CheckpointState.from_dict(state)
+    data = {**state.to_dict(), "version": __version__, "format_version": FORMAT_VERSION}
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        torch.save(data, tmp)
 
 
 def checkpoint_in(run_dir: str | Path) -> Path:
@@ -65,7 +107,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def profile_of(state: dict[str, Any], path: str | Path = "checkpoint") -> Profile:
-    """The resolved profile stored in a checkpoint."""
+    """The profile stored in a checkpoint; the sections it does not keep take the schema defaults."""
     return from_dict(state["profile"], source=str(path))
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -25,7 +27,7 @@ class Objective(nn.Module):
 
     def __init__(self, model: nn.Module, loss: LossConfig) -> None:
         super().__init__()
-        self.model, self.loss = model, loss
+        self.model, self.loss = model, loss_kwargs(loss)
         self.own = hasattr(devices.unwrap(model), "training_losses")
 
     def forward(
@@ -33,7 +35,18 @@ class Objective(nn.Module):
     ) -> dict[str, Tensor]:
         if self.own:
             return devices.unwrap(self.model).training_losses(clean)
-        return compute_losses(self.model(inputs), clean, self.loss, epoch, corruption_mask=mask)
+        return self.terms(self.model(inputs), clean, mask, epoch)
+
+    def terms(
+        self, out: dict[str, Tensor], clean: Tensor, mask: Tensor | None, epoch: int
+    ) -> dict[str, Tensor]:
+        """The loss terms of a model output that is already computed."""
+        return compute_losses(out, clean, **self.loss, epoch=epoch, corruption_mask=mask)
+
+
+def loss_kwargs(loss: LossConfig) -> dict[str, Any]:
+    """The profile's [loss] section as the keyword arguments of `compute_losses`."""
+    return dataclasses.asdict(loss)
 
 
 def train_step(
@@ -86,11 +99,11 @@ def validate(
     dtype: torch.dtype | None,
     world: int = 1,
 ) -> dict[str, float]:
-    """Patch-weighted means of every loss term and of the SSIM index ("ssim") over the validation patches.
+    """Patch-weighted means of every loss term, and of the SSIM index (key "ssim"), over the validation patches.
 
     Eval mode, no grad, clean inputs; stochastic terms use a fixed seed so epochs compare fairly.
     """
-    own = Objective(model, loss).own
+    objective = Objective(model, loss)
     sums: dict[str, Tensor] = {}
     model.eval()
     with torch.random.fork_rng(devices=devices.rng_devices(device)):
@@ -101,13 +114,12 @@ def validate(
                 out = model(x)
                 terms = (
                     devices.unwrap(model).training_losses(x)
-                    if own
-                    else compute_losses(out, x, loss, epoch - 1)
+                    if objective.own
+                    else objective.terms(out, x, None, epoch - 1)
                 )
-            terms = {term_name(k): v for k, v in terms.items()}
-            terms["ssim"] = ssim_map(
-                out["recon"].float().clamp(0, 1), x, window=loss.ssim_window
-            ).mean()
+            recon = out["recon"].float().clamp(0, 1)
+            ssim_index = ssim_map(recon, x, window=loss.ssim_window)  # (B, C, P, P)
+            terms["ssim"] = ssim_index.mean()
             for key, value in terms.items():
                 sums[key] = sums.get(key, 0.0) + value.detach().double() * x.shape[0]
             sums["count"] = sums.get("count", 0.0) + torch.tensor(
@@ -123,11 +135,6 @@ def validate(
     values = dict(zip(keys, packed.tolist(), strict=True))
     count = values.pop("count")
     return {k: v / count for k, v in values.items()}
-
-
-def term_name(key: str) -> str:
-    """The logged name of a loss term: the 1 - SSIM term is "ssim_term", "ssim" is the mean SSIM index."""
-    return "ssim_term" if key == "ssim" else key
 
 
 def epoch_order(seed: int, epoch: int, steps: int, world: int = 1, rank: int = 0) -> list[int]:

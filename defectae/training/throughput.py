@@ -22,7 +22,7 @@ def train_throughput(
     data: Tensor | Iterable[dict[str, Tensor]],
     steps: int = 20,
     amp: str = "off",
-    compile: bool = False,
+    compile_model: bool = False,
     device: str = "cpu",
     loss: LossConfig | None = None,
     warmup: int = 3,
@@ -38,7 +38,7 @@ def train_throughput(
     model = model.to(dev).train()
     batches = _cycle(data)
     first = next(batches)
-    model = devices.compile_for_training(model, compile, first["clean"].to(dev))
+    model = devices.compile_for_training(model, compile_model, first["clean"].to(dev))
     objective = Objective(model, loss or LossConfig())
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(dev.type, enabled=devices.needs_grad_scaler(dtype))

@@ -1,0 +1,237 @@
+"""The training loop of `defectae train`: per epoch train, validate, log and checkpoint.
+Read `fit` top to bottom; `TrainState.build` makes (and compiles) what it trains.
+
+Choices a reader needs:
+- Learning rate: a pure function of the optimizer step (LambdaLR, stepped after every
+  optimizer step): a linear warm-up over `warmup_epochs`, then cosine decay to 0 at the last
+  step, a decay by `gamma` every `step_size` epochs, or constant. Resume restores the step
+  counter, so the schedule continues exactly.
+- Data order: every epoch shuffles the *global* batch indices with a torch.Generator seeded
+  by (seed, epoch); an incomplete last batch is dropped. `train.batch_size` is the global
+  batch. Under DDP each rank reads a PatchDataset of batch_size / world_size patches, so global
+  batch g is made of sub-batches g*W .. g*W+W-1 and rank r reads sub-batch g*W + r: together
+  the ranks see exactly the single-process batch, and DDP's average of the gradients of equal
+  sub-batches is the gradient of the global batch mean. (Corruptions are seeded per sub-batch,
+  so denoising runs under DDP match single-process runs in distribution, not bit for bit.)
+- Checkpoints: last.pt before the first epoch and after every epoch (best.pt, when improved,
+  first); nothing is saved mid-epoch. After Ctrl-C or a kill, last.pt holds the last completed
+  epoch with the RNG states of torch, numpy and python, and `--resume` restarts the next epoch
+  from its beginning, so it ends with the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+
+from defectae import console
+from defectae import device as devices
+from defectae.errors import DefectaeError
+from defectae.profiles import Profile
+from defectae.stores.checkpoint import save_checkpoint
+from defectae.stores.patches import PatchDataset
+from defectae.training.rng import rng_state
+from defectae.training.state import TrainState
+from defectae.training.step import Objective, epoch_order, train_step, validate
+from defectae.training.tensorboard import RunLog
+
+Tensor = torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What stays fixed while a run trains: its profile, data, folder, device and DDP place."""
+
+    profile: Profile
+    patches: Path
+    run_dir: Path
+    device: torch.device
+    dtype: torch.dtype | None  # the autocast dtype; None = full precision
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the process that prints and writes."""
+        return self.rank == 0
+
+
+def fit(run: Run, state: TrainState, fresh: bool) -> tuple[dict[str, float], float | None]:
+    """Train a built (or restored) state on to the last epoch or an early stop; `fresh`: a new run.
+
+    Returns the last validation means and the last epoch's patches/s; `state` holds the rest.
+    """
+    cfg, dev = run.profile.train, run.device
+    sub_batch = cfg.batch_size // run.world
+    train_set = PatchDataset(run.patches, "train", sub_batch, run.profile.corruption, seed=cfg.seed)
+    val_set = PatchDataset(run.patches, "validation", sub_batch)
+    steps = train_set.num_patches // cfg.batch_size
+    objective: nn.Module = Objective(state.model, run.profile.loss)
+    if run.world > 1:
+        objective = nn.parallel.DistributedDataParallel(
+            objective, device_ids=[dev.index] if dev.type == "cuda" else None
+        )
+    val_loader = DataLoader(
+        val_set,
+        batch_size=None,
+        sampler=range(run.rank, len(val_set), run.world),
+        num_workers=cfg.num_workers,
+        pin_memory=dev.type == "cuda",
+    )
+    log = None
+    if run.main:
+        n_images = min(cfg.n_log_images, val_set.num_patches)
+        images = PatchDataset(run.patches, "validation", n_images)[0]["clean"].to(dev)
+        log = RunLog(run.run_dir, state.epoch, state.step, cfg, images)
+        console.info(
+            f"{run.profile.model.family} on {dev}, {run.world} process(es), batch {cfg.batch_size}, "
+            f"{steps} steps/epoch, amp {devices.amp_name(run.dtype)}, "
+            f"{'compiled' if state.compiled else 'eager'}"
+        )
+    if fresh:
+        save(run, state, "last.pt")
+
+    val: dict[str, float] = {}
+    try:
+        while state.epoch < cfg.epochs and not state.stopped:
+            state.epoch += 1
+            train, timing = train_epoch(run, state, objective, train_set, steps, log)
+            val = validate(
+                state.model, val_loader, run.profile.loss, state.epoch, dev, run.dtype, run.world
+            )
+            if not all(math.isfinite(v) for v in val.values()):
+                raise DefectaeError(
+                    f"epoch {state.epoch} step {state.step}: validation loss is {val['total']}; "
+                    f"stopped, {run.run_dir / 'last.pt'} keeps epoch {state.epoch - 1}"
+                )
+            improved = state.end_epoch(val["total"], cfg)
+            record = {
+                "epoch": state.epoch,
+                "step": state.step,
+                "lr": state.optimizer.param_groups[0]["lr"],
+                **{f"train_{k}": v for k, v in train.items()},
+                **{f"val_{k}": v for k, v in val.items()},
+                **timing,
+            }
+            if log is not None:
+                log.epoch(record, state.model, run.dtype)
+                console.info(
+                    f"epoch {state.epoch}/{cfg.epochs}  train {train['total']:.5f}  "
+                    f"val {val['total']:.5f}  ssim {val['ssim']:.4f}  lr {record['lr']:.2e}  "
+                    f"{record['patches_per_s']:.0f} patches/s" + ("  best" if improved else "")
+                )
+            if improved:
+                save(run, state, "best.pt")
+            save(run, state, "last.pt")
+    except KeyboardInterrupt:
+        if run.main:
+            console.warn(
+                f"interrupted in epoch {state.epoch}; {run.run_dir / 'last.pt'} holds the last "
+                f"completed epoch; continue with `defectae train --resume {run.run_dir}`"
+            )
+        raise
+    finally:
+        if log is not None:
+            log.close()
+    if state.stopped and run.main:
+        console.info(
+            f"early stop after epoch {state.epoch}: no improvement > {cfg.min_delta} "
+            f"for {cfg.patience} epochs"
+        )
+    rate = log.metrics[-1]["patches_per_s"] if log is not None and log.metrics else None
+    return val, rate
+
+
+def train_epoch(
+    run: Run,
+    state: TrainState,
+    objective: nn.Module,
+    train_set: PatchDataset,
+    steps: int,
+    log: RunLog | None,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """The optimizer steps of epoch `state.epoch`: the mean loss terms over all ranks, and timings."""
+    cfg, dev = run.profile.train, run.device
+    train_set.set_epoch(state.epoch)
+    loader = DataLoader(
+        train_set,
+        batch_size=None,
+        sampler=epoch_order(cfg.seed, state.epoch, steps, run.world, run.rank),
+        num_workers=cfg.num_workers,
+        pin_memory=dev.type == "cuda",
+        generator=torch.Generator().manual_seed(state.epoch),
+    )
+    sums: dict[str, Tensor] = {}
+    norms = []
+    wait, start = 0.0, time.perf_counter()
+    with console.progress() as bar:
+        title = f"epoch {state.epoch}/{cfg.epochs}"
+        task = bar.add_task(title, total=steps)
+        batches = iter(loader)
+        for i in range(steps):
+            t = time.perf_counter()
+            batch = next(batches)
+            wait += time.perf_counter() - t
+            try:
+                terms, loss, norm = train_step(
+                    objective,
+                    state.optimizer,
+                    state.scaler,
+                    batch,
+                    epoch=state.epoch,
+                    device=dev,
+                    dtype=run.dtype,
+                    grad_clip=cfg.grad_clip,
+                    corrupted=train_set.corruption is not None,
+                    world=run.world,
+                )
+            except FloatingPointError as e:
+                raise DefectaeError(
+                    f"epoch {state.epoch} step {state.step + 1} (batch {i + 1}/{steps}): loss is "
+                    f"{e.args[0]}; stopped, {run.run_dir / 'last.pt'} keeps epoch {state.epoch - 1}"
+                ) from None
+            state.step += 1
+            state.scheduler.step()
+            for key, value in terms.items():
+                sums[key] = sums.get(key, 0.0) + value
+            norms.append(norm)
+            if log is not None:
+                log.step(loss, state.step)
+            bar.update(task, advance=1, description=f"{title} loss {loss:.4f}")
+    del batches
+    seconds = time.perf_counter() - start
+    norm_t = torch.stack(norms)
+    timing = {
+        "grad_norm": norm_t.mean().item(),
+        "grad_norm_max": norm_t.max().item(),
+        "seconds": seconds,
+        "patches_per_s": steps * cfg.batch_size / seconds,
+        "data_wait_fraction": wait / seconds,
+    }
+    return _mean_over_ranks(sums, steps, run.world), timing
+
+
+def save(run: Run, state: TrainState, name: str) -> None:
+    """RUN/name from rank 0, holding every rank's RNG state (under DDP all ranks must call it)."""
+    rng = [rng_state(run.device)]
+    if run.world > 1:
+        rng = [None] * run.world
+        dist.all_gather_object(rng, rng_state(run.device))
+    if run.main:
+        checkpoint = state.checkpoint(run.profile, run.patches, rng, run.world)
+        save_checkpoint(checkpoint, run.run_dir / name)
+
+
+def _mean_over_ranks(sums: dict[str, Tensor], steps: int, world: int) -> dict[str, float]:
+    keys = sorted(sums)
+    packed = torch.stack([sums[k] for k in keys]).double()
+    if world > 1:
+        dist.all_reduce(packed)
+    return {k: v / (steps * world) for k, v in zip(keys, packed.tolist(), strict=True)}
