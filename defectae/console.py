@@ -70,13 +70,14 @@ def show(renderable: Any) -> None:
     (stderr if mode.json else stdout).print(renderable)
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """`value` as plain JSON types: non-finite floats become null, paths and numpy/torch scalars plain."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if hasattr(value, "__fspath__"):
         return str(value)
     if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
@@ -87,7 +88,7 @@ def _jsonable(value: Any) -> Any:
 def emit_json(summary: dict[str, Any]) -> None:
     """Print the machine-readable summary on stdout when --json was given."""
     if mode.json:
-        print(json.dumps(_jsonable(summary), indent=2, sort_keys=False), flush=True)
+        print(json.dumps(jsonable(summary), indent=2, sort_keys=False), flush=True)
 
 
 def progress() -> Progress:

@@ -7,3 +7,9 @@ class DefectaeError(Exception):
     The message names the file, key or value at fault and what was expected.
     Bugs are not DefectaeErrors: they stay tracebacks.
     """
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The exception's type and the first line of its message (at most `limit` characters)."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:limit]}" if text else type(e).__name__

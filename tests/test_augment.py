@@ -23,6 +23,7 @@ from defectae import console, profiles
 from defectae.commands import augment
 from defectae.data import augmentations as A
 from defectae.data import corruptions as C
+from defectae.data import sampling
 from defectae.errors import DefectaeError
 from defectae.files import sha256_file
 from defectae.profiles.schema import (
@@ -32,13 +33,7 @@ from defectae.profiles.schema import (
     ModelConfig,
     Profile,
 )
-from defectae.stores.patches import (
-    PatchDataset,
-    iterate_once,
-    open_patches,
-    read_rate,
-    write_patches,
-)
+from defectae.stores.patches import PatchDataset, open_patches, write_patches
 from defectae.stores.prepared import PreparedSplit, write_prepared
 
 # ----------------------------------------------------------------------------- fixtures
@@ -414,7 +409,7 @@ def test_whole_image_mode(tmp_path):
 def test_interrupted_run_leaves_nothing(tmp_path, prepared, monkeypatch):
     out = tmp_path / "out" / "patches.h5"
     calls = {"n": 0}
-    real = augment.sample_patch
+    real = sampling.sample_patch
 
     def interrupting(*args, **kwargs):
         calls["n"] += 1
@@ -422,7 +417,7 @@ def test_interrupted_run_leaves_nothing(tmp_path, prepared, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(augment, "sample_patch", interrupting)
+    monkeypatch.setattr(sampling, "sample_patch", interrupting)
     with pytest.raises(KeyboardInterrupt):
         augment.run(profile(), prepared, out)
     assert calls["n"] == 25
@@ -605,13 +600,6 @@ def test_open_patches_errors(tmp_path, prepared, patch_file):
         f.attrs["format_version"] = 2
     with pytest.raises(DefectaeError, match="patches format version 2, expected 1"):
         PatchDataset(path)
-
-
-def test_measurement_helpers(patch_file):
-    path, _ = patch_file
-    assert read_rate(path, batch_size=32, num_workers=0, seconds=0.2, warmup_batches=1) > 0
-    stats = iterate_once(path, batch_size=32, num_workers=0)
-    assert stats["patches"] == 300 and stats["peak_rss_mb"] > 0 and stats["seconds"] > 0
 
 
 def test_cli_user_error_exits_2_with_one_line(tmp_path):

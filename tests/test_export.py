@@ -24,6 +24,7 @@ from defectae.commands import export, score, tiletest
 from defectae.core.inspector import Inspector
 from defectae.core.metrics import label_free_threshold
 from defectae.errors import DefectaeError
+from defectae.export import converters
 from defectae.files import sha256_file
 from defectae.models import build_model
 from defectae.stores.checkpoint import load_checkpoint, load_model, save_checkpoint
@@ -223,7 +224,7 @@ def test_a_torchscript_export_differing_from_eager_is_refused_and_nothing_writte
     tmp_path, monkeypatch
 ):
     run = make_run(tmp_path)
-    real = export.to_torchscript
+    real = converters.to_torchscript
 
     def altered_after_tracing(module, example):
         traced = real(
@@ -232,7 +233,7 @@ def test_a_torchscript_export_differing_from_eager_is_refused_and_nothing_writte
         _perturb(traced)
         return traced
 
-    monkeypatch.setattr(export, "to_torchscript", altered_after_tracing)
+    monkeypatch.setattr(converters, "to_torchscript", altered_after_tracing)
     with pytest.raises(
         DefectaeError, match=r"model\.pt: .*differs from the eager model .*nothing was written"
     ):
@@ -242,14 +243,14 @@ def test_a_torchscript_export_differing_from_eager_is_refused_and_nothing_writte
 
 def test_an_onnx_export_of_a_model_altered_after_export_is_refused(tmp_path, monkeypatch):
     run = make_run(tmp_path)
-    real = export.to_onnx
+    real = converters.to_onnx
 
     def export_then_alter(module, *args, **kwargs):
         result = real(module, *args, **kwargs)
         _perturb(module)
         return result
 
-    monkeypatch.setattr(export, "to_onnx", export_then_alter)
+    monkeypatch.setattr(converters, "to_onnx", export_then_alter)
     with pytest.raises(DefectaeError, match=r"model\.onnx: .*differs from the eager model"):
         export.run(run, "onnx", int8=False, out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -325,11 +326,11 @@ def test_cli_unknown_format_exits_2_with_one_red_line(tmp_path):
 
 
 def test_metadata_helpers_round_trip_bytes():
-    model = export.Reconstruction(build_model("ae", 1, 16, {"latent_dim": 4})).eval()
+    model = converters.Reconstruction(build_model("ae", 1, 16, {"latent_dim": 4})).eval()
     x = torch.rand(2, 1, 16, 16)
-    data = export.torchscript_bytes(export.to_torchscript(model, x), {"a": 1})
-    module, meta = export.load_torchscript(data)
+    data = converters.torchscript_bytes(converters.to_torchscript(model, x), {"a": 1})
+    module, meta = converters.load_torchscript(data)
     assert meta == {"a": 1} and torch.allclose(module(x), model(x))
-    onnx_bytes, _ = export.to_onnx(model, x, "patch", ["recon"])
-    assert export.onnx_metadata(export.with_onnx_metadata(onnx_bytes, {"b": 2})) == {"b": 2}
+    onnx_bytes, _ = converters.to_onnx(model, x, "patch", ["recon"])
+    assert converters.onnx_metadata(converters.with_onnx_metadata(onnx_bytes, {"b": 2})) == {"b": 2}
     assert onnx.load(io.BytesIO(onnx_bytes)).graph.output[0].name == "recon"

@@ -22,61 +22,42 @@ artefact is within the tolerance.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import hashlib
-import io
 import json
-import os
-import sys
 import time
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from rich.table import Table
 from torch import nn
 
 from defectae import __version__, console, workspace
 from defectae.core.inspector import Inspector
-from defectae.core.metrics import compute_all, label_free_threshold
+from defectae.core.metrics import label_free_threshold
 from defectae.core.tiling import extract_patches
-from defectae.errors import DefectaeError
+from defectae.errors import DefectaeError, first_line
+from defectae.export import converters
+from defectae.export.converters import OPSET, Reconstruction, batch_of, max_abs_diff, outputs
+from defectae.export.quantize import AUROCS, int8_accuracy_cost, quantize_int8
 from defectae.files import atomic_path, sha256_file, write_text_atomic
 from defectae.models import get_family
 from defectae.profiles import Profile, TileConfig, to_dict, write_profile
 from defectae.stores.checkpoint import checkpoint_in, load_model
 from defectae.stores.patches import open_patches
-from defectae.stores.prepared import open_prepared, read_strings
+from defectae.stores.prepared import open_prepared
 from defectae.stores.residuals import open_residuals, read_tile, read_validation_maps
 from defectae.stores.scores import read_scored_settings
 
 FORMATS = ("torchscript", "onnx")
 SUFFIX = {"torchscript": ".pt", "onnx": ".onnx"}
 TOLERANCE = 1e-4  # largest max-abs difference an fp32 export may have from the eager model
-# Opset 17 or newer as asked; 18 is the first with Col2Im (F.fold), which the inspector's fusion uses.
-OPSET = 18
-METADATA = "defectae.json"
-EXTRA = "pip install 'defectae[export]'"
 N_PATCHES = 8  # validation patches the exports are checked on
 N_IMAGES = 3  # validation images the inspector exports are checked on
 N_CALIBRATION = 64  # validation patches that calibrate the int8 activation ranges
 TRACE_BATCH = 2  # trace at this batch, verify at another one: the batch axis must be dynamic
-
-
-class Reconstruction(nn.Module):
-    """The model with the "recon" tensor as its only output: (B, C, P, P) -> (B, C, P, P)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)["recon"]
 
 
 @dataclass
@@ -103,305 +84,16 @@ class ReferenceData:
     prepared: Path | None  # the prepared file, for the int8 AUROC on its test images
 
 
-# ----------------------------------------------------------------------------- exporters
+@dataclass(frozen=True)
+class Job:
+    """What every artefact of one export shares."""
 
-
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """Silence exporter chatter: warnings, and prints to stdout (also C++ ones), which is --json's."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        with open(os.devnull, "w") as null, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            os.dup2(null.fileno(), 1)
-            with contextlib.redirect_stdout(io.StringIO()):
-                yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
-
-
-def batch_of(x: torch.Tensor, n: int) -> torch.Tensor:
-    """The first `n` samples of x, repeated when x has fewer."""
-    reps = -(-n // x.shape[0])
-    return x.repeat(reps, *([1] * (x.dim() - 1)))[:n].contiguous()
-
-
-def to_torchscript(module: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
-    """Trace `module` on `example`; every size but the batch is fixed by the trace."""
-    with quiet(), torch.no_grad():
-        return torch.jit.trace(module.eval(), example, check_trace=False)
-
-
-def torchscript_bytes(traced: torch.jit.ScriptModule, metadata: dict[str, Any]) -> bytes:
-    """The TorchScript file, with `metadata` as the extra file defectae.json."""
-    buffer = io.BytesIO()
-    with quiet():
-        torch.jit.save(traced, buffer, _extra_files={METADATA: json.dumps(metadata, indent=2)})
-    return buffer.getvalue()
-
-
-def load_torchscript(data: bytes) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
-    """A TorchScript file's module and its defectae.json metadata."""
-    extra = {METADATA: ""}
-    with quiet():
-        module = torch.jit.load(io.BytesIO(data), map_location="cpu", _extra_files=extra)
-    return module, json.loads(extra[METADATA]) if extra[METADATA] else {}
-
-
-def require_onnx() -> None:
-    """ONNX export needs onnx and onnxruntime (and onnxscript for the dynamo exporter)."""
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-    except ImportError as e:
-        raise DefectaeError(
-            f"--format onnx: the ONNX packages are not installed ({e.name or e}); run {EXTRA}"
-        ) from None
-
-
-def to_onnx(
-    module: nn.Module,
-    example: torch.Tensor,
-    input_name: str,
-    output_names: list[str],
-    prefer_dynamo: bool = False,
-) -> tuple[bytes, str]:
-    """ONNX bytes (opset OPSET, dynamic batch axis) and the name of the exporter that made them.
-
-    The TorchScript-based exporter is tried first (robust and fast for convnets), then the
-    dynamo one; `prefer_dynamo` reverses the order (the inspector's fusion needs dynamo's
-    shape tracking to keep the batch dynamic).
-    """
-    require_onnx()
-    attempts = (
-        [_onnx_dynamo, _onnx_torchscript] if prefer_dynamo else [_onnx_torchscript, _onnx_dynamo]
-    )
-    errors = []
-    for attempt in attempts:
-        try:
-            with quiet(), torch.no_grad():
-                return attempt(module.eval(), example, input_name, output_names)
-        except Exception as e:  # noqa: BLE001 - an exporter that cannot handle the model: try the next
-            errors.append(f"{attempt.__doc__}: {_first_line(e)}")
-    raise RuntimeError("; ".join(errors))
-
-
-def _onnx_torchscript(
-    module: nn.Module, example: torch.Tensor, input_name: str, outputs: list[str]
-) -> tuple[bytes, str]:
-    """torchscript exporter"""
-    buffer = io.BytesIO()
-    axes = {name: {0: "batch"} for name in [input_name, *outputs]}
-    torch.onnx.export(
-        module,
-        (example,),
-        buffer,
-        dynamo=False,
-        opset_version=OPSET,
-        input_names=[input_name],
-        output_names=outputs,
-        dynamic_axes=axes,
-    )
-    return buffer.getvalue(), "torch.onnx (TorchScript)"
-
-
-def _onnx_dynamo(
-    module: nn.Module, example: torch.Tensor, input_name: str, outputs: list[str]
-) -> tuple[bytes, str]:
-    """dynamo exporter"""
-    batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    program = torch.onnx.export(
-        module,
-        (example,),
-        dynamo=True,
-        opset_version=OPSET,
-        input_names=[input_name],
-        output_names=outputs,
-        dynamic_shapes=({0: batch},),
-        verbose=False,
-    )
-    return program.model_proto.SerializeToString(), "torch.onnx (dynamo)"
-
-
-def with_onnx_metadata(data: bytes, metadata: dict[str, Any]) -> bytes:
-    """The ONNX model with `metadata` as the metadata_props entry defectae.json."""
-    import onnx
-
-    proto = onnx.load_from_string(data)
-    for prop in [p for p in proto.metadata_props if p.key == METADATA]:
-        proto.metadata_props.remove(prop)
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = METADATA, json.dumps(metadata, indent=2)
-    return proto.SerializeToString()
-
-
-def onnx_metadata(data: bytes) -> dict[str, Any]:
-    """The defectae.json metadata of an ONNX model."""
-    import onnx
-
-    props = {p.key: p.value for p in onnx.load_from_string(data).metadata_props}
-    return json.loads(props[METADATA]) if METADATA in props else {}
-
-
-def onnx_session(data: bytes, providers: list[str] | None = None) -> Any:
-    """An onnxruntime session on the CPU (or the given providers)."""
-    require_onnx()
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only
-    return ort.InferenceSession(data, options, providers=providers or ["CPUExecutionProvider"])
-
-
-def run_onnx(session: Any, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Run an onnxruntime session on one input tensor; outputs as CPU tensors."""
-    name = session.get_inputs()[0].name
-    return tuple(
-        torch.from_numpy(np.asarray(o)) for o in session.run(None, {name: x.cpu().numpy()})
-    )
-
-
-def _outputs(result: Any) -> tuple[torch.Tensor, ...]:
-    return tuple(result) if isinstance(result, (tuple, list)) else (result,)
-
-
-def max_abs_diff(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...]) -> float:
-    """The largest absolute difference over all outputs (inf for a shape mismatch or NaN)."""
-    if len(got) != len(want):
-        return float("inf")
-    worst = 0.0
-    for a, b in zip(got, want, strict=True):
-        a, b = a.detach().float().cpu(), b.detach().float().cpu()
-        if a.shape != b.shape:
-            return float("inf")
-        diff = (a - b).abs().max().item() if a.numel() else 0.0
-        worst = max(worst, diff if diff == diff else float("inf"))
-    return worst
-
-
-# ----------------------------------------------------------------------------- int8
-
-
-def quantize_int8(
-    model: nn.Module, calibration: torch.Tensor, batch: int = 16, family: str = "?"
-) -> tuple[nn.Module, str]:
-    """An int8 copy of `model` for the CPU and how it was made.
-
-    Static quantization (FX graph mode, activation ranges calibrated on `calibration`) covers
-    convolutions; where the graph cannot be quantized statically, Linear layers are quantized
-    dynamically. A model with neither is a user error naming the family.
-    """
-    from torch.ao.quantization import get_default_qconfig_mapping, quantize_dynamic
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
-
-    engine = torch.backends.quantized.engine
-    float_model = copy.deepcopy(model).cpu().eval()
-    for m in float_model.modules():  # quantized kernels have no in-place activations
-        if isinstance(getattr(m, "inplace", None), bool):
-            m.inplace = False
-    calibration = calibration.cpu()
-    try:
-        with quiet(), torch.no_grad():
-            prepared = prepare_fx(
-                float_model, get_default_qconfig_mapping(engine), (calibration[:2],)
-            )
-            for i in range(0, len(calibration), batch):
-                prepared(calibration[i : i + batch])
-            quantized = convert_fx(prepared)
-            quantized(calibration[:2])
-        return (
-            quantized,
-            f"static ({engine}, FX graph mode, calibrated on {len(calibration)} patches)",
-        )
-    except Exception as e:  # noqa: BLE001 - the graph is not statically quantizable: try dynamic
-        static_error = _first_line(e)
-    if any(isinstance(m, nn.Linear) for m in model.modules()):
-        with quiet():
-            quantized = quantize_dynamic(
-                copy.deepcopy(model).cpu().eval(), {nn.Linear}, dtype=torch.qint8
-            )
-        return quantized, "dynamic (Linear layers; static failed: " + static_error + ")"
-    raise DefectaeError(
-        f"model family '{family}': cannot be quantized to int8 (static: {static_error}; "
-        f"no Linear layers to quantize dynamically)"
-    )
-
-
-AUROCS = ("image_auroc", "pixel_auroc")
-
-
-def _no_auroc(images: int, reason: str) -> dict[str, Any]:
-    return {
-        "test_images": images,
-        **{f"{n}_{k}": None for n in AUROCS for k in ("fp32", "int8", "delta")},
-        "reason": reason,
-    }
-
-
-def int8_accuracy_cost(
-    fp32: nn.Module, int8: nn.Module, profile: Profile, prepared: Path | None, whole_image: bool
-) -> dict[str, Any]:
-    """Image and pixel AUROC of the test images with the fp32 and the int8 model, and the change."""
-    if prepared is None:
-        return _no_auroc(0, "no prepared file with test images")
-    tile, patch = profile.tile, profile.model.input_size
-    inspectors = {
-        key: Inspector(
-            m,
-            patch_size=patch,
-            whole_image=whole_image,
-            batch_size=tile.batch_size,
-            **tile.inspector_options(),
-        ).eval()
-        for key, m in (("fp32", fp32), ("int8", int8))
-    }
-    maps: dict[str, list[np.ndarray]] = {"fp32": [], "int8": []}
-    scores: dict[str, list[np.ndarray]] = {"fp32": [], "int8": []}
-    with open_prepared(prepared, profile.dataset.channels) as f:
-        images, n = f["test/images"], f["test/images"].shape[0]
-        if n == 0:
-            return _no_auroc(0, f"{prepared}: no test images")
-        masks = f["test/masks"][()][:, 0].astype(bool)  # (N, H, W)
-        labels = f["test/labels"][()].astype(bool)
-        types = read_strings(f, "test/defect_types")
-        with torch.inference_mode():
-            for start in console.track(range(0, n, 4), "int8 AUROC", total=-(-n // 4)):
-                x = torch.from_numpy(images[start : start + 4]).float().div_(255.0)
-                for key, inspector in inspectors.items():
-                    residual, score, _ = inspector(x)
-                    maps[key].append(
-                        residual[:, 0].half().numpy()
-                    )  # float16, as tile-test stores them
-                    scores[key].append(score.float().numpy())
-    summary: dict[str, Any] = {"test_images": n}
-    reasons = []
-    for key in maps:
-        metrics = compute_all(
-            np.concatenate(maps[key]),
-            masks,
-            np.concatenate(scores[key]),
-            labels,
-            None,
-            **profile.score.metric_options(),
-            defect_types=types,
-        ).metrics
-        for name in AUROCS:
-            summary[f"{name}_{key}"] = metrics[name].value
-            if key == "fp32" and not metrics[name].defined:
-                reasons.append(f"{name}: {metrics[name].reason}")
-    for name in AUROCS:
-        a, b = summary[f"{name}_fp32"], summary[f"{name}_int8"]
-        summary[f"{name}_delta"] = b - a if a is not None and b is not None else None
-    summary["reason"] = "; ".join(reasons) or None
-    return summary
+    profile: Profile  # with the [tile] settings the threshold was chosen for
+    ckpt: Path
+    family: str
+    whole_image: bool
+    threshold: dict[str, Any]
+    tolerance: float
 
 
 # ----------------------------------------------------------------------------- inputs and threshold
@@ -530,14 +222,8 @@ def _formats(format: str) -> tuple[str, ...]:
     return (choice,)
 
 
-def _metadata(
-    kind: str,
-    precision: str,
-    profile: Profile,
-    ckpt: Path,
-    threshold: dict[str, Any],
-    whole_image: bool,
-) -> dict[str, Any]:
+def _metadata(job: Job, kind: str, precision: str) -> dict[str, Any]:
+    profile = job.profile
     c, p = profile.dataset.channels, profile.model.input_size
     h, w = profile.dataset.image_size
     size = [p, p] if kind == "reconstruction" else [h, w]
@@ -549,8 +235,8 @@ def _metadata(
         "precision": precision,
         "family": profile.model.family,
         "profile": profile.name,
-        "checkpoint": ckpt.name,
-        "checkpoint_sha256": sha256_file(ckpt),
+        "checkpoint": job.ckpt.name,
+        "checkpoint_sha256": sha256_file(job.ckpt),
         "input": {
             "name": "patch" if kind == "reconstruction" else "image",
             "layout": "NCHW",
@@ -572,72 +258,142 @@ def _metadata(
             "recon": ["batch", c, h, w],
         }
         meta["tile"] = to_dict(profile)["tile"]
-        meta["patch_size"], meta["whole_image"] = p, whole_image
-        meta["threshold"] = threshold
+        meta["patch_size"], meta["whole_image"] = p, job.whole_image
+        meta["threshold"] = job.threshold
         meta["decision"] = (
             "a pixel is defective when residual >= threshold.value; an image when score >= it"
         )
     return meta
 
 
+def _convert(
+    kind: str, fmt: str, module: nn.Module, example: torch.Tensor, metadata: dict[str, Any]
+) -> tuple[bytes, str]:
+    """The artefact's bytes, with its metadata, and the exporter that made them."""
+    if fmt == "torchscript":
+        traced = converters.to_torchscript(module, example)
+        return converters.torchscript_bytes(traced, metadata), "torch.jit.trace"
+    names = ["recon"] if kind == "reconstruction" else ["residual", "score", "recon"]
+    data, exporter = converters.to_onnx(
+        module,
+        example,
+        "patch" if kind == "reconstruction" else "image",
+        names,
+        prefer_dynamo=kind == "inspector",
+    )
+    return converters.with_onnx_metadata(data, metadata), exporter
+
+
+def _run_back(fmt: str, data: bytes, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The serialised artefact loaded back (TorchScript in torch, ONNX in onnxruntime) and run on x."""
+    with converters.quiet(), torch.inference_mode():
+        if fmt == "torchscript":
+            return outputs(converters.load_torchscript(data)[0](x))
+        return converters.run_onnx(converters.onnx_session(data), x)
+
+
 def export_artefact(
+    job: Job,
     file: str,
     kind: str,
     fmt: str,
     precision: str,
     module: nn.Module,
     inputs: torch.Tensor,
-    metadata: dict[str, Any],
-    family: str,
-    tolerance: float,
+    extra: dict[str, Any] | None = None,
 ) -> Artefact:
     """Export `module` to `fmt`, load the bytes back, run them on `inputs` and compare with eager."""
     example = batch_of(inputs, TRACE_BATCH)
     check = inputs if len(inputs) != TRACE_BATCH else batch_of(inputs, TRACE_BATCH + 1)
     what = "reconstruction model" if kind == "reconstruction" else "inspector"
+    metadata = {**_metadata(job, kind, precision), **(extra or {})}
     try:
-        if fmt == "torchscript":
-            data, exporter = (
-                torchscript_bytes(to_torchscript(module, example), metadata),
-                "torch.jit.trace",
-            )
-        else:
-            outputs = ["recon"] if kind == "reconstruction" else ["residual", "score", "recon"]
-            data, exporter = to_onnx(
-                module,
-                example,
-                "patch" if kind == "reconstruction" else "image",
-                outputs,
-                prefer_dynamo=kind == "inspector",
-            )
-            data = with_onnx_metadata(data, metadata)
+        data, exporter = _convert(kind, fmt, module, example, metadata)
     except DefectaeError:
         raise
     except Exception as e:  # noqa: BLE001 - any exporter failure is a property of the model
         raise DefectaeError(
-            f"model family '{family}': its {what} cannot be exported to {fmt} ({_first_line(e)})"
+            f"model family '{job.family}': its {what} cannot be exported to {fmt} ({first_line(e)})"
         ) from None
     try:
-        with quiet(), torch.inference_mode():
-            if fmt == "torchscript":
-                got = _outputs(load_torchscript(data)[0](check))
-            else:
-                got = run_onnx(onnx_session(data), check)
+        got = _run_back(fmt, data, check)
     except Exception as e:  # noqa: BLE001
         raise DefectaeError(
-            f"{file}: the exported {what} does not run ({_first_line(e)}); nothing was written"
+            f"{file}: the exported {what} does not run ({first_line(e)}); nothing was written"
         ) from None
-    with torch.inference_mode():
-        want = _outputs(
-            module.eval()(check)
-        )  # computed after the export: a model changed since is caught
+    with torch.inference_mode():  # computed after the export: a model changed since is caught
+        want = outputs(module.eval()(check))
     diff = max_abs_diff(got, want)
-    if not diff <= tolerance:
+    if not diff <= job.tolerance:
         raise DefectaeError(
             f"{file}: the {fmt} {what} differs from the eager model by {diff:.3g} "
-            f"(tolerance {tolerance:g}); nothing was written"
+            f"(tolerance {job.tolerance:g}); nothing was written"
         )
     return Artefact(file, kind, fmt, precision, data, diff, exporter)
+
+
+def _inspector(job: Job, model: nn.Module) -> Inspector:
+    """The inspector as tile-test builds it, from the settings the threshold was chosen for."""
+    tile = job.profile.tile
+    return Inspector(
+        model,
+        patch_size=job.profile.model.input_size,
+        whole_image=job.whole_image,
+        **tile.inspector_options(),
+    ).eval()
+
+
+def _fp32_artefacts(
+    job: Job, model: nn.Module, formats: tuple[str, ...], data: ReferenceData
+) -> list[Artefact]:
+    """model.* and inspector.* in each format, verified."""
+    recon, inspector = Reconstruction(model).eval(), _inspector(job, model)
+    jobs = [(f"model{SUFFIX[f]}", "reconstruction", f, recon, data.patches) for f in formats]
+    jobs += [(f"inspector{SUFFIX[f]}", "inspector", f, inspector, data.images) for f in formats]
+    return [
+        export_artefact(job, file, kind, fmt, "fp32", module, inputs)
+        for file, kind, fmt, module, inputs in console.track(jobs, "export")
+    ]
+
+
+def _int8_artefacts(
+    job: Job, model: nn.Module, data: ReferenceData
+) -> tuple[list[Artefact], dict[str, Any]]:
+    """model_int8.pt and inspector_int8.pt, verified, and the int8 summary with its AUROC cost."""
+    qmodel, how = quantize_int8(model, data.calibration, family=job.family)
+    qrecon = Reconstruction(qmodel).eval()
+    extra = {"quantization": how}
+    artefacts = [
+        export_artefact(
+            job,
+            "model_int8.pt",
+            "reconstruction",
+            "torchscript",
+            "int8",
+            qrecon,
+            data.patches,
+            extra,
+        ),
+        export_artefact(
+            job,
+            "inspector_int8.pt",
+            "inspector",
+            "torchscript",
+            "int8",
+            _inspector(job, qmodel),
+            data.images,
+            extra,
+        ),
+    ]
+    recon = Reconstruction(model).eval()
+    with torch.inference_mode():
+        vs_fp32 = max_abs_diff(outputs(qrecon(data.patches)), outputs(recon(data.patches)))
+    summary = {
+        "quantization": how,
+        "recon_max_abs_diff_vs_fp32": vs_fp32,
+        **int8_accuracy_cost(model, qmodel, job.profile, data.prepared, job.whole_image),
+    }
+    return artefacts, summary
 
 
 def run(
@@ -651,7 +407,7 @@ def run(
     started = time.perf_counter()
     formats = _formats(format)
     if "onnx" in formats:
-        require_onnx()
+        converters.require_onnx()
     run = Path(run)
     ckpt = checkpoint_in(run)
     model, profile, state = load_model(ckpt, "cpu")
@@ -663,52 +419,17 @@ def run(
     if threshold["value"] is None:
         console.warn(f"no validation threshold stored in the exports: {threshold['reason']}")
     console.info(f"export {profile.name} ({family.name}) from {ckpt}: checking on {data.source}")
+    job = Job(profile, ckpt, family.name, family.whole_image, threshold, tolerance)
 
-    patch, tile = profile.model.input_size, profile.tile
-    recon = Reconstruction(model).eval()
-    inspector = Inspector(
-        model, patch_size=patch, whole_image=family.whole_image, **tile.inspector_options()
-    ).eval()
-    jobs = [(f"model{SUFFIX[f]}", "reconstruction", f, recon, data.patches) for f in formats]
-    jobs += [(f"inspector{SUFFIX[f]}", "inspector", f, inspector, data.images) for f in formats]
-    artefacts = []
-    for file, kind, fmt, module, inputs in console.track(jobs, "export"):
-        meta = _metadata(kind, "fp32", profile, ckpt, threshold, family.whole_image)
-        artefacts.append(
-            export_artefact(file, kind, fmt, "fp32", module, inputs, meta, family.name, tolerance)
-        )
-
+    artefacts = _fp32_artefacts(job, model, formats, data)
     int8_summary = None
     if int8:
-        qmodel, how = quantize_int8(model, data.calibration, family=family.name)
-        qrecon = Reconstruction(qmodel).eval()
-        qinspector = Inspector(
-            qmodel, patch_size=patch, whole_image=family.whole_image, **tile.inspector_options()
-        ).eval()
-        for file, kind, module, inputs in (
-            ("model_int8.pt", "reconstruction", qrecon, data.patches),
-            ("inspector_int8.pt", "inspector", qinspector, data.images),
-        ):
-            meta = _metadata(kind, "int8", profile, ckpt, threshold, family.whole_image)
-            meta["quantization"] = how
-            artefacts.append(
-                export_artefact(
-                    file, kind, "torchscript", "int8", module, inputs, meta, family.name, tolerance
-                )
-            )
-        with torch.inference_mode():
-            vs_fp32 = max_abs_diff(_outputs(qrecon(data.patches)), _outputs(recon(data.patches)))
-        int8_summary = {
-            "quantization": how,
-            "recon_max_abs_diff_vs_fp32": vs_fp32,
-            **int8_accuracy_cost(model, qmodel, profile, data.prepared, family.whole_image),
-        }
+        quantized, int8_summary = _int8_artefacts(job, model, data)
+        artefacts += quantized
 
-    files = []
     for a in artefacts:
         with atomic_path(out / a.file) as tmp:
             tmp.write_bytes(a.data)
-        files.append(str(out / a.file))
     write_profile(profile, out)
     summary = {
         "run": str(run),
@@ -720,27 +441,30 @@ def run(
         "opset": OPSET if "onnx" in formats else None,
         "verified_on": data.source,
         "threshold": threshold,
-        "artefacts": [
-            {
-                "file": a.file,
-                "kind": a.kind,
-                "format": a.format,
-                "precision": a.precision,
-                "exporter": a.exporter,
-                "max_abs_diff": a.max_abs_diff,
-                "bytes": len(a.data),
-                "sha256": hashlib.sha256(a.data).hexdigest(),
-            }
-            for a in artefacts
-        ],
+        "artefacts": [_listing(a) for a in artefacts],
         "max_abs_diff": {a.file: a.max_abs_diff for a in artefacts},
         "int8": int8_summary,
-        "files": files + [str(out / "profile.toml"), str(out / "export.json")],
+        "files": [str(out / a.file) for a in artefacts]
+        + [str(out / "profile.toml"), str(out / "export.json")],
     }
     write_text_atomic(out / "export.json", json.dumps(summary, indent=2) + "\n")
     summary["seconds"] = round(time.perf_counter() - started, 3)
     _show(summary)
     return summary
+
+
+def _listing(a: Artefact) -> dict[str, Any]:
+    """An artefact as export.json lists it."""
+    return {
+        "file": a.file,
+        "kind": a.kind,
+        "format": a.format,
+        "precision": a.precision,
+        "exporter": a.exporter,
+        "max_abs_diff": a.max_abs_diff,
+        "bytes": len(a.data),
+        "sha256": hashlib.sha256(a.data).hexdigest(),
+    }
 
 
 def _show(summary: dict[str, Any]) -> None:

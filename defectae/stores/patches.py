@@ -13,10 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
-import multiprocessing
 import os
-import resource
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +21,7 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import Dataset, get_worker_info
 
 from defectae import __version__
 from defectae.data.corruptions import corrupt
@@ -152,6 +149,14 @@ def corruption_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0])
 
 
+def clean_batch(clean: torch.Tensor) -> dict[str, torch.Tensor]:
+    """An uncorrupted batch as `PatchDataset` gives it: "input" is "clean", "mask" all zeros."""
+    mask = torch.zeros(
+        (clean.shape[0], 1, *clean.shape[2:]), dtype=torch.float32, device=clean.device
+    )
+    return {"clean": clean, "input": clean, "mask": mask}
+
+
 class PatchDataset(Dataset):
     """Item i is the i-th batch of a split: rows [i*B, (i+1)*B) read as one slice (the last one short).
 
@@ -220,8 +225,7 @@ class PatchDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         clean = torch.from_numpy(self.read(index)).to(torch.float32).div_(255.0)
         if self.corruption is None:
-            mask = torch.zeros((clean.shape[0], 1, *clean.shape[2:]), dtype=torch.float32)
-            return {"clean": clean, "input": clean, "mask": mask}
+            return clean_batch(clean)
         g = torch.Generator().manual_seed(corruption_seed(self.seed, self.epoch, index))
         corrupted, mask = corrupt(clean, self.corruption, g)
         return {"clean": clean, "input": corrupted, "mask": mask}
@@ -241,129 +245,3 @@ class PatchDataset(Dataset):
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.close()
-
-
-# ----------------------------------------------------------------------------- measurements
-
-
-def _loader(ds: PatchDataset, num_workers: int, seed: int) -> DataLoader:
-    g = torch.Generator().manual_seed(seed)
-    return DataLoader(ds, batch_size=None, shuffle=True, num_workers=num_workers, generator=g)
-
-
-def read_rate(
-    path: str | Path,
-    batch_size: int = 128,
-    num_workers: int = 2,
-    corruption: CorruptionConfig | None = None,
-    seconds: float = 5.0,
-    warmup_batches: int = 4,
-) -> float:
-    """Sustained DataLoader read rate in patches/s (shuffled batches, epochs repeated until `seconds`).
-
-    Worker start-up and the first `warmup_batches` batches are not timed.
-    """
-    ds = PatchDataset(path, "train", batch_size, corruption)
-    if len(ds) == 0:
-        raise DefectaeError(f"{path}: the training split is empty")
-    warmup = min(warmup_batches, len(ds))
-    patches, epoch, started = 0, 0, None
-    while True:
-        ds.set_epoch(epoch)
-        for i, batch in enumerate(_loader(ds, num_workers, epoch)):
-            if started is None:
-                if i + 1 >= warmup:
-                    started = time.perf_counter()
-                continue
-            patches += batch["clean"].shape[0]
-            elapsed = time.perf_counter() - started
-            if elapsed >= seconds:
-                ds.close()
-                return patches / elapsed
-        epoch += 1
-
-
-def _peak_rss_mb(who: int) -> float:
-    return resource.getrusage(who).ru_maxrss / 1024.0  # Linux reports KiB
-
-
-def _pss_mb(pid: int) -> float:
-    """Proportional set size of one process (shared pages split between their users), Linux only."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return 0.0
-
-
-def _tree_pss_mb() -> float:
-    """PSS of this process plus its children (the DataLoader workers): memory really in use."""
-    pids = [os.getpid()]
-    for task in Path("/proc/self/task").glob("*/children"):
-        with contextlib.suppress(OSError):
-            pids += [int(p) for p in task.read_text().split()]
-    return sum(_pss_mb(pid) for pid in pids)
-
-
-def iterate_once(
-    path: str | Path,
-    batch_size: int = 128,
-    num_workers: int = 2,
-    corruption: CorruptionConfig | None = None,
-    isolated: bool = False,
-) -> dict[str, float]:
-    """Read every training batch once through a DataLoader: patches, seconds and peak memory (MiB).
-
-    peak_rss_mb: the reading process's lifetime peak RSS (most of it is torch's own libraries);
-    peak_worker_rss_mb: the largest DataLoader worker's, counting the pages it shares with its
-    parent; peak_pss_mb: the sampled peak of reader + workers with shared pages counted once
-    (Linux /proc; 0 elsewhere). `isolated=True` runs it in a fresh (spawned) process so the
-    peaks are those of the iteration alone, not of whatever this process did before.
-    """
-    if isolated:
-        ctx = multiprocessing.get_context("forkserver")
-        queue = ctx.Queue()
-        # The child's DataLoader workers start the way this process's would (fork on Linux).
-        method = multiprocessing.get_start_method()
-        proc = ctx.Process(
-            target=_iterate_into,
-            args=(queue, method, str(path), batch_size, num_workers, corruption),
-        )
-        proc.start()
-        result = queue.get()
-        proc.join()
-        if isinstance(result, BaseException):
-            raise result
-        return result
-    ds = PatchDataset(path, "train", batch_size, corruption)
-    patches, checksum, peak_pss = 0, 0.0, _tree_pss_mb()
-    start = time.perf_counter()
-    for i, batch in enumerate(_loader(ds, num_workers, 0)):
-        patches += batch["clean"].shape[0]
-        checksum += float(batch["input"][:, :, 0, 0].sum())  # touch the data so nothing is skipped
-        if i % 8 == 0:
-            peak_pss = max(peak_pss, _tree_pss_mb())
-    seconds = time.perf_counter() - start
-    ds.close()
-    return {
-        "patches": patches,
-        "seconds": seconds,
-        "patches_per_s": patches / max(seconds, 1e-9),
-        "peak_rss_mb": _peak_rss_mb(resource.RUSAGE_SELF),
-        "peak_worker_rss_mb": _peak_rss_mb(resource.RUSAGE_CHILDREN),
-        "peak_pss_mb": peak_pss,
-        "checksum": checksum,
-    }
-
-
-def _iterate_into(
-    queue: Any, method: str, path: str, batch_size: int, num_workers: int, corruption: Any
-) -> None:
-    multiprocessing.set_start_method(method, force=True)
-    try:
-        queue.put(iterate_once(path, batch_size, num_workers, corruption))
-    except BaseException as e:  # reported to the parent, which re-raises it
-        queue.put(e)

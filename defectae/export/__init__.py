@@ -1,0 +1,1 @@
+"""Conversion of models to TorchScript, ONNX and int8, shared by `export` and `bench`."""
