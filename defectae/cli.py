@@ -223,7 +223,7 @@ def score(
 @app.command()
 def export(
     run: Annotated[Path, typer.Option("--run", help="Run folder with a checkpoint.")],
-    format: Annotated[str, typer.Option("--format", help="torchscript, onnx or all.")] = "all",
+    fmt: Annotated[str, typer.Option("--format", help="torchscript, onnx or all.")] = "all",
     int8: Annotated[
         bool, typer.Option("--int8", help="Also write an INT8-quantized CPU model.")
     ] = False,
@@ -245,7 +245,7 @@ def export(
     _done(
         command.run(
             run=run,
-            format=format,
+            fmt=fmt,
             int8=int8,
             out=out,
             tolerance=command.TOLERANCE if tolerance is None else tolerance,

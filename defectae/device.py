@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from defectae import console
-from defectae.errors import DefectaeError
+from defectae.errors import DefectaeError, first_line
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -85,8 +85,7 @@ def compile_or_eager(model: nn.Module, enabled: bool, example: torch.Tensor) -> 
         with torch.no_grad():
             compiled(example)
     except Exception as e:  # noqa: BLE001
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        console.warn(f"torch.compile failed ({type(e).__name__}: {first[:200]}); running eagerly")
+        console.warn(f"torch.compile failed ({first_line(e)}); running eagerly")
         return model
     return compiled
 

@@ -24,9 +24,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     An exception or Ctrl-C inside the block removes the temporary file, so a reader
     never sees a partial output and an earlier complete file is kept.
     """
-    path = Path(path)
-    if path.is_dir():
-        raise DefectaeError(f"{path}: is a folder; expected the path of a file to write")
+    path = output_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_parts(path.parent)
     fd, tmp = tempfile.mkstemp(
@@ -78,6 +76,22 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def output_file(path: str | Path) -> Path:
+    """An output file path, checked before any work: a folder there is a user error."""
+    path = Path(path)
+    if path.is_dir():
+        raise DefectaeError(f"{path}: is a folder; expected the path of a file to write")
+    return path
+
+
+def output_dir(path: str | Path) -> Path:
+    """An output folder path, checked before any work: a file there is a user error."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DefectaeError(f"{path}: is a file; expected a folder to write into")
+    return path
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -383,7 +383,7 @@ def test_patch_file_contents(tmp_path):
     counts = np.unique(values[:, 0], return_counts=True)[1]
     assert sorted(counts.tolist()) == [3, 3, 3, 3, 4, 4]
     assert values[:, 0].tolist() != sorted(values[:, 0].tolist())  # stored shuffled
-    assert profiles.load_written(out.parent / "profile.toml") == profile(
+    assert profiles.load_written(out.parent / f"{out.stem}.profile.toml") == profile(
         n_patches=20, n_val_patches=5, rotation_prob=1.0, max_angle=30.0, hflip_prob=0.5
     )
 

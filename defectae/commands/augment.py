@@ -16,19 +16,20 @@ from rich.table import Table
 
 from defectae import console, workspace
 from defectae.data.sampling import make_patches, plan_patches
+from defectae.files import output_file
 from defectae.profiles import Profile, write_profile
 
 
 def run(profile: Profile, prepared: Path | None = None, out: Path | None = None) -> dict[str, Any]:
-    """Write patches.h5 (and profile.toml beside it) from prepared.h5; returns the summary."""
+    """Write patches.h5 (and its profile beside it, as patches.profile.toml) from prepared.h5; returns the summary."""
     prepared = Path(prepared) if prepared is not None else workspace.prepared_path(profile)
-    out = Path(out) if out is not None else workspace.patches_path(profile)
+    out = output_file(out if out is not None else workspace.patches_path(profile))
     started = time.perf_counter()
     job = plan_patches(profile, prepared)
     with console.progress() as bar:
         task = bar.add_task("augment", total=len(job))
         make_patches(profile, job, prepared, out, functools.partial(bar.advance, task))
-    write_profile(profile, out.parent)
+    write_profile(profile, out.parent, f"{out.stem}.profile.toml")
     seconds = time.perf_counter() - started
     summary = {
         "out": str(out),

@@ -50,7 +50,7 @@ from defectae.bench.figures import (
     score_time,
 )
 from defectae.bench.probes import machine, matmul_peak
-from defectae.files import write_text_atomic
+from defectae.files import output_file, write_text_atomic
 from defectae.profiles import resolve, to_dict
 
 DEFAULT_PROFILES = ("synthetic-ae", "synthetic-vae8")
@@ -96,7 +96,7 @@ def run(
     names = list(profiles or DEFAULT_PROFILES)
     dev = devices.resolve_device(device)
     resolved = [resolve(name, sets or []) for name in names]  # bad names fail before any work
-    out = Path(out) if out is not None else DEFAULT_OUT
+    out = output_file(out if out is not None else DEFAULT_OUT)
     plan = QUICK if quick else FULL
     unavailable: dict[str, str] = {}
     console.info(

@@ -42,7 +42,7 @@ from defectae.errors import DefectaeError, first_line
 from defectae.export import converters
 from defectae.export.converters import OPSET, Reconstruction, batch_of, max_abs_diff, outputs
 from defectae.export.quantize import AUROCS, int8_accuracy_cost, quantize_int8
-from defectae.files import atomic_path, sha256_file, write_text_atomic
+from defectae.files import atomic_path, output_dir, sha256_file, write_text_atomic
 from defectae.models import get_family
 from defectae.profiles import Profile, TileConfig, to_dict, write_profile
 from defectae.stores.checkpoint import checkpoint_in, load_model
@@ -213,12 +213,12 @@ def test_settings(run: Path, profile: Profile) -> tuple[TileConfig, dict[str, An
 # ----------------------------------------------------------------------------- the command
 
 
-def _formats(format: str) -> tuple[str, ...]:
-    choice = format.lower()
+def _formats(requested: str) -> tuple[str, ...]:
+    choice = requested.lower()
     if choice == "all":
         return FORMATS
     if choice not in FORMATS:
-        raise DefectaeError(f"--format '{format}': expected torchscript, onnx or all")
+        raise DefectaeError(f"--format '{requested}': expected torchscript, onnx or all")
     return (choice,)
 
 
@@ -398,21 +398,21 @@ def _int8_artefacts(
 
 def run(
     run: Path,
-    format: str = "all",
+    fmt: str = "all",
     int8: bool = False,
     out: Path | None = None,
     tolerance: float = TOLERANCE,
 ) -> dict[str, Any]:
     """Export a run's model and inspector, verified against the eager model; writes RUN/export/ by default."""
     started = time.perf_counter()
-    formats = _formats(format)
+    formats = _formats(fmt)
     if "onnx" in formats:
         converters.require_onnx()
     run = Path(run)
     ckpt = checkpoint_in(run)
     model, profile, state = load_model(ckpt, "cpu")
     family = get_family(profile.model.family)
-    out = Path(out) if out is not None else run / "export"
+    out = output_dir(out if out is not None else run / "export")
     data = reference_data(run, profile, state)
     tile, threshold = test_settings(run, profile)
     profile = dataclasses.replace(profile, tile=tile)

@@ -27,7 +27,7 @@ from defectae.data.images import read_image, read_mask, resize_image, resize_mas
 from defectae.data.mvtec import list_mvtec, list_mvtec3d
 from defectae.data.split import Listing, Sample, assign_splits
 from defectae.errors import DefectaeError
-from defectae.files import write_text_atomic
+from defectae.files import output_file, write_text_atomic
 from defectae.profiles import DatasetConfig, Profile
 from defectae.profiles.schema import SyntheticOptions
 from defectae.stores.prepared import SPLITS, PreparedSplit, write_prepared
@@ -259,6 +259,7 @@ def run(
         prof = _with_dataset(prof, root=str(data_root))
         ds = prof.dataset
 
+    out = output_file(out if out is not None else workspace.prepared_path(prof))
     listing = list_dataset(ds, data_root)
     samples = assign_splits(listing, ds, ds.layout)
     reader = _Reader(ds)
@@ -283,7 +284,6 @@ def run(
             Counter(t for t, lab in zip(test.defect_types, test.labels, strict=True) if lab).items()
         )
     )
-    out = Path(out) if out is not None else workspace.prepared_path(prof)
     attrs = {
         "layout": ds.layout,
         "source": ds.root,

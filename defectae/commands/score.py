@@ -17,12 +17,11 @@ import h5py
 import numpy as np
 from rich.table import Table
 
-from defectae import __version__, console, profiles, workspace
-from defectae.commands import report
+from defectae import __version__, console, profiles, report, workspace
 from defectae.core import metrics
 from defectae.data.images import read_mask, resize_mask
 from defectae.errors import DefectaeError
-from defectae.files import sha256_file
+from defectae.files import output_dir, sha256_file
 from defectae.profiles import Profile, ScoreConfig, to_dict
 from defectae.profiles.load import PROFILE_FILE
 from defectae.stores.prepared import file_attr_json, open_prepared, read_strings
@@ -75,7 +74,9 @@ def run(
         defect_types=res.types,
         protocol=protocol,
     )
-    out_dir = out or (run_dir / "score" if run_dir is not None else residuals_path.parent / "score")
+    out_dir = output_dir(
+        out or (run_dir / "score" if run_dir is not None else residuals_path.parent / "score")
+    )
     summary = _summary(res, results, cfg, protocol, truth, profile)
     summary["figures"] = report.write_curves(out_dir, results, cfg.pro_max_fpr)
     entries, note = _write_panels(out_dir, res, masks, prepared, results, cfg)

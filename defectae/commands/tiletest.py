@@ -31,7 +31,7 @@ from defectae.core.inspector import Inspector, inspect_uint8
 from defectae.core.tiling import tile_origins
 from defectae.device import amp_dtype, compile_or_eager, resolve_device
 from defectae.errors import DefectaeError
-from defectae.files import atomic_path, sha256_file
+from defectae.files import atomic_path, output_file, sha256_file
 from defectae.models import get_family
 from defectae.profiles import Profile, TileConfig, write_profile
 from defectae.profiles.load import PROFILE_FILE
@@ -145,7 +145,7 @@ def run(
     channels = eff.dataset.channels
 
     prepared = Path(prepared) if prepared is not None else workspace.prepared_path(eff)
-    out = Path(out) if out is not None else Path(run) / "residuals.h5"
+    out = output_file(out if out is not None else Path(run) / "residuals.h5")
     with open_prepared(prepared, channels) as src:
         h, w = src["test/images"].shape[2:]
         if not whole_image and patch > min(h, w):
