@@ -424,7 +424,7 @@ def test_bad_inputs_are_one_line_errors(reference, patches, tmp_path):
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "last.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(DefectaeError, match="last.pt: not a readable defectae checkpoint"):
+    with pytest.raises(DefectaeError, match="last.pt: not a PyTorch checkpoint"):
         train.run(None, resume=corrupt)
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from defectae import __version__
-from defectae.errors import DefectaeError
+from defectae.errors import DefectaeError, first_line
 from defectae.files import atomic_path
 from defectae.models import build_model
 from defectae.profiles import Profile, from_dict, to_dict
@@ -90,11 +90,21 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise DefectaeError(f"{path}: checkpoint not found")
+    if path.stat().st_size == 0:
+        raise DefectaeError(f"{path}: empty file; expected a defectae checkpoint (.pt)")
+    if not zipfile.is_zipfile(path):
+        raise DefectaeError(f"{path}: not a PyTorch checkpoint (a .pt zip archive was expected)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DefectaeError(f"{path}: not a readable defectae checkpoint ({first[:160]})") from None
+    except pickle.UnpicklingError:
+        raise DefectaeError(
+            f"{path}: refused: it holds Python objects that a defectae checkpoint never contains "
+            "(not loaded, so nothing in it ran)"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - any other failure of a foreign or damaged archive
+        raise DefectaeError(
+            f"{path}: not a readable defectae checkpoint ({first_line(e)})"
+        ) from None
     if (
         not isinstance(state, dict)
         or state.get("format_version") != FORMAT_VERSION
