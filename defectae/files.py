@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -22,7 +24,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
 
     An exception or Ctrl-C inside the block removes the temporary file, so a reader
-    never sees a partial output and an earlier complete file is kept.
+    never sees a partial output and an earlier complete file is kept. A Ctrl-C that a
+    library swallowed (h5py's filter callbacks print "Exception ignored" and go on) is
+    remembered and raised again before the rename.
     """
     path = output_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -36,10 +40,33 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp_path, 0o666 & ~_umask()
     )  # mkstemp makes 0600; outputs follow the umask like any file
     try:
-        yield tmp_path
+        with _remember_interrupts() as interrupted:
+            yield tmp_path
+            if interrupted:
+                raise KeyboardInterrupt
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _remember_interrupts() -> Iterator[list[int]]:
+    """Ctrl-C raises KeyboardInterrupt as usual and is also noted in the yielded list."""
+    if threading.current_thread() is not threading.main_thread():
+        yield []
+        return
+    noted: list[int] = []
+    previous = signal.getsignal(signal.SIGINT)
+
+    def note(signum: int, frame: object) -> None:
+        noted.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, note)
+    try:
+        yield noted
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _writer_alive(part: Path) -> bool:

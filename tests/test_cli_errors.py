@@ -85,3 +85,22 @@ def test_partial_files_of_killed_writers_are_removed_by_the_next_write(tmp_path)
     write_text_atomic(tmp_path / "out.txt", "done")
     assert not stale.exists() and live.exists() and (tmp_path / "out.txt").read_text() == "done"
     assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "out.txt"]
+
+
+def test_a_ctrl_c_that_a_library_swallowed_still_keeps_the_previous_output(tmp_path):
+    import signal
+    import time
+
+    from defectae.files import atomic_path
+
+    out = tmp_path / "patches.h5"
+    out.write_text("complete earlier output")
+    with pytest.raises(KeyboardInterrupt), atomic_path(out) as tmp:
+        tmp.write_text("half of a new output")
+        try:  # as h5py does in its C callbacks: the interrupt is printed and ignored
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+    assert out.read_text() == "complete earlier output"
+    assert [p.name for p in tmp_path.iterdir()] == ["patches.h5"]
