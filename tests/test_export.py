@@ -334,3 +334,25 @@ def test_metadata_helpers_round_trip_bytes():
     onnx_bytes, _ = converters.to_onnx(model, x, "patch", ["recon"])
     assert converters.onnx_metadata(converters.with_onnx_metadata(onnx_bytes, {"b": 2})) == {"b": 2}
     assert onnx.load(io.BytesIO(onnx_bytes)).graph.output[0].name == "recon"
+
+
+@pytest.mark.parametrize("normalize", ["global", "pixel"])
+def test_the_exported_inspector_scores_as_tile_test_did_with_normalised_maps(tmp_path, normalize):
+    run = make_run(tmp_path)
+    sets = [*SETS, f"tile.normalize={normalize}", "tile.fusion=gaussian", "tile.smooth_sigma=1.5"]
+    sets += ["tile.amp=off", "tile.device=cpu"]  # tile-test in float32, as the export runs
+    tiletest.run(
+        profiles.resolve("synthetic-ae", sets=sets), run, tmp_path / "prepared.h5", None, None
+    )
+    export.run(run, "torchscript", int8=False, out=None)
+    inspector, meta = _load_ts(run / "export" / "inspector.pt")
+    assert meta["tile"]["normalize"] == normalize
+    with h5py.File(tmp_path / "prepared.h5", "r") as f:
+        images = torch.from_numpy(f["test/images"][()]).float() / 255
+    with h5py.File(run / "residuals.h5", "r") as f:
+        want_scores, want_maps = f["test/scores"][()], f["test/residuals"][()]
+        assert "normalization/mean" in f
+    with torch.no_grad():
+        maps, scores, _ = inspector(images)
+    np.testing.assert_allclose(scores.numpy(), want_scores, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(maps.numpy(), want_maps.astype(np.float32), rtol=2e-3, atol=2e-3)

@@ -11,6 +11,7 @@ import h5py
 import numpy as np
 import pytest
 from PIL import Image
+from builders import untrained_checkpoint
 from typer.testing import CliRunner
 
 from defectae import profiles, workspace
@@ -131,8 +132,7 @@ def setup(home):
         },
     )
     run = workspace.runs_root(profile) / "20250101-000000"
-    run.mkdir(parents=True)
-    (run / "last.pt").write_bytes(b"")
+    untrained_checkpoint(run, profile, "last.pt")
     profiles.write_profile(profile, run)
     write_residuals(run / "residuals.h5", test, prepared)
     return profile, run, prepared, test

@@ -14,8 +14,9 @@ from skimage.transform import resize
 from torch import nn
 
 from defectae.core.inspector import Inspector
+from defectae.core.normalize import MapStatistics, normalize_maps
 from defectae.core.residuals import image_scores, residual_map
-from defectae.core.tiling import extract_patches, fuse_patches, tile_origins
+from defectae.core.tiling import extract_patches, fuse_patches, fusion_window, tile_origins
 from defectae.errors import DefectaeError
 
 # (H, W, size, stride): exact grids, (H - size) % stride != 0 borders, size == side, stride == size
@@ -339,3 +340,86 @@ def test_inspector_traces_and_matches_eager():
         traced = torch.jit.trace(inspector, x)
         for got, want in zip(traced(other), inspector(other), strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- fusion weights
+
+
+@pytest.mark.parametrize("h,w,size,stride", GRIDS)
+def test_gaussian_fusion_is_the_weighted_mean_and_keeps_identity_exact(h, w, size, stride):
+    window = fusion_window(size, "gaussian")
+    x = torch.rand(2, 3, h, w)
+    assert torch.equal(
+        fuse_patches(extract_patches(x, size, stride), (h, w), size, stride, window), x
+    )
+    patches = torch.rand(
+        2 * len(tile_origins(h, size, stride)) * len(tile_origins(w, size, stride)), 3, size, size
+    )
+    num, den = np.zeros((2, 3, h, w)), np.zeros((h, w))
+    k, win = 0, window.double().numpy()
+    tiles = patches.double().numpy().reshape(2, -1, 3, size, size)
+    for y in tile_origins(h, size, stride):
+        for x0 in tile_origins(w, size, stride):
+            num[:, :, y : y + size, x0 : x0 + size] += tiles[:, k] * win
+            den[y : y + size, x0 : x0 + size] += win
+            k += 1
+    got = fuse_patches(patches, (h, w), size, stride, window).double().numpy()
+    np.testing.assert_allclose(got, num / den, rtol=1e-5, atol=1e-6)
+
+
+def test_gaussian_window_weighs_the_tile_centre_most():
+    window = fusion_window(32, "gaussian")
+    assert window[15:17, 15:17].min() > 0.99 and window[0, 0] < 0.03 and window[0, 16] < 0.16
+    with pytest.raises(DefectaeError, match="tile.fusion 'hann'"):
+        fusion_window(32, "hann")
+
+
+# ----------------------------------------------------------------------------- normalisation
+
+
+@pytest.mark.parametrize("kind", ["global", "pixel"])
+def test_a_map_equal_to_the_validation_mean_normalises_to_zero(kind):
+    rng = np.random.default_rng(7)
+    val = rng.gamma(2.0, 0.05, (12, 1, 16, 20)).astype(np.float32)
+    stats = MapStatistics()
+    stats.add(val[:5])
+    stats.add(val[5:])
+    mean, std = stats.mean_std(kind, floor=0.1)
+    if kind == "global":
+        assert mean.shape == (1, 1) and float(mean) == pytest.approx(val.mean(), rel=1e-5)
+        assert float(std) == pytest.approx(val.std(), rel=1e-4)
+        at_mean = torch.full((1, 1, 16, 20), float(mean))
+    else:
+        np.testing.assert_allclose(mean.numpy(), val[:, 0].mean(0), rtol=1e-5)
+        expected = np.maximum(val[:, 0].std(0), 0.1 * val.std())
+        np.testing.assert_allclose(std.numpy(), expected, rtol=1e-4)
+        at_mean = mean[None, None]
+    assert torch.allclose(normalize_maps(at_mean, mean, std), torch.zeros(1, 1, 16, 20), atol=1e-6)
+
+
+def test_the_pixel_std_floor_keeps_constant_regions_finite():
+    val = np.zeros((4, 1, 8, 8), np.float32)
+    val[:, :, :, :4] = np.arange(4, dtype=np.float32)[
+        :, None, None, None
+    ]  # varies on the left only
+    stats = MapStatistics()
+    stats.add(val)
+    mean, std = stats.mean_std("pixel", floor=0.5)
+    assert float(std[:, 4:].min()) == pytest.approx(0.5 * val.std(), rel=1e-4)
+    assert torch.isfinite(normalize_maps(torch.ones(1, 1, 8, 8), mean, std)).all()
+    with pytest.raises(DefectaeError, match="validation split is empty"):
+        MapStatistics().mean_std("global")
+
+
+def test_the_inspector_normalises_before_scoring():
+    x = torch.rand(2, 1, 24, 24)
+    recon_noise = TinyAE()
+    mean, std = torch.full((24, 24), 0.2), torch.full((24, 24), 0.5)
+    plain = Inspector(recon_noise, patch_size=12, stride=6, residual_options=L1)
+    normed = Inspector(
+        recon_noise, patch_size=12, stride=6, residual_options=L1, normalization=(mean, std)
+    )
+    with torch.no_grad():
+        (r, _, _), (z, score, _) = plain(x), normed(x)
+    torch.testing.assert_close(z, (r - 0.2) / 0.5)
+    torch.testing.assert_close(score, z.flatten(1).amax(1))

@@ -48,7 +48,12 @@ from defectae.profiles import Profile, TileConfig, to_dict, write_profile
 from defectae.stores.checkpoint import checkpoint_in, load_model
 from defectae.stores.patches import open_patches
 from defectae.stores.prepared import open_prepared
-from defectae.stores.residuals import open_residuals, read_tile, read_validation_maps
+from defectae.stores.residuals import (
+    open_residuals,
+    read_normalization,
+    read_tile,
+    read_validation_maps,
+)
 from defectae.stores.scores import read_scored_settings
 
 FORMATS = ("torchscript", "onnx")
@@ -94,6 +99,7 @@ class Job:
     whole_image: bool
     threshold: dict[str, Any]
     tolerance: float
+    normalization: tuple[torch.Tensor, torch.Tensor] | None = None  # tile.normalize statistics
 
 
 # ----------------------------------------------------------------------------- inputs and threshold
@@ -154,6 +160,20 @@ def _prepared_file(run: Path, profile: Profile) -> Path | None:
             candidates.append(Path(str(f.attrs["prepared"])))
     candidates.append(workspace.prepared_path(profile))
     return next((c for c in candidates if c.is_file()), None)
+
+
+def _normalization(run: Path, tile: TileConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The good-image statistics tile-test normalised the maps with (RUN/residuals.h5)."""
+    if tile.normalize == "none":
+        return None
+    residuals = run / "residuals.h5"
+    stats = read_normalization(residuals) if residuals.is_file() else None
+    if stats is None:
+        raise DefectaeError(
+            f"{residuals}: tile.normalize is '{tile.normalize}' but no normalisation statistics "
+            f"are recorded; run `defectae tile-test --run {run}` again"
+        )
+    return stats
 
 
 def test_settings(run: Path, profile: Profile) -> tuple[TileConfig, dict[str, Any]]:
@@ -339,6 +359,7 @@ def _inspector(job: Job, model: nn.Module) -> Inspector:
         model,
         patch_size=job.profile.model.input_size,
         whole_image=job.whole_image,
+        normalization=job.normalization,
         **tile.inspector_options(),
     ).eval()
 
@@ -391,7 +412,9 @@ def _int8_artefacts(
     summary = {
         "quantization": how,
         "recon_max_abs_diff_vs_fp32": vs_fp32,
-        **int8_accuracy_cost(model, qmodel, job.profile, data.prepared, job.whole_image),
+        **int8_accuracy_cost(
+            model, qmodel, job.profile, data.prepared, job.whole_image, job.normalization
+        ),
     }
     return artefacts, summary
 
@@ -419,7 +442,8 @@ def run(
     if threshold["value"] is None:
         console.warn(f"no validation threshold stored in the exports: {threshold['reason']}")
     console.info(f"export {profile.name} ({family.name}) from {ckpt}: checking on {data.source}")
-    job = Job(profile, ckpt, family.name, family.whole_image, threshold, tolerance)
+    normalization = _normalization(run, tile)
+    job = Job(profile, ckpt, family.name, family.whole_image, threshold, tolerance, normalization)
 
     artefacts = _fp32_artefacts(job, model, formats, data)
     int8_summary = None

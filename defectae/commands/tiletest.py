@@ -14,8 +14,9 @@ MVTec AD evaluator's layout.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,8 @@ from PIL import Image
 from defectae import console, profiles, workspace
 from defectae import device as devices
 from defectae.core.inspector import Inspector, inspect_uint8
+from defectae.core.normalize import MapStatistics, normalize_maps
+from defectae.core.residuals import image_scores
 from defectae.core.tiling import tile_origins
 from defectae.device import amp_dtype, compile_or_eager, resolve_device
 from defectae.errors import DefectaeError
@@ -37,7 +40,14 @@ from defectae.profiles import Profile, TileConfig, write_profile
 from defectae.profiles.load import PROFILE_FILE
 from defectae.stores.checkpoint import checkpoint_in, load_model
 from defectae.stores.prepared import open_prepared, read_strings
-from defectae.stores.residuals import SPLITS, create_residuals, create_split
+from defectae.stores.residuals import (
+    SPLITS,
+    create_residuals,
+    create_split,
+    write_normalization,
+)
+
+MIN_VALIDATION = 10  # good validation images below which map statistics are unreliable
 
 
 def _images_per_step(
@@ -70,19 +80,40 @@ def _export_map(
         )
 
 
+Batch = tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]  # start, residual, score, recon
+
+
+def _inspect_split(
+    src: h5py.File, split: str, inspector: Inspector, step: int, device: torch.device
+) -> Iterator[Batch]:
+    """The split's images through the inspector, a few at a time: (start, residual, score, recon)."""
+    images = src[f"{split}/images"]
+    n = images.shape[0]
+    for start in range(0, n, step):
+        yield (start, *inspect_uint8(inspector, images[start : min(n, start + step)], device))
+
+
+def _normalized(
+    batches: list[Batch], mean: torch.Tensor, std: torch.Tensor, tile: TileConfig
+) -> list[Batch]:
+    """Validation batches with their maps as z-scores, and the image scores of those maps."""
+    out = []
+    for start, residual, _, recon in batches:
+        z = normalize_maps(residual, mean, std)
+        out.append((start, z, image_scores(z, **tile.score_options()), recon))
+    return out
+
+
 def _write_split(
     src: h5py.File,
     dst: h5py.File,
     split: str,
-    inspector: Inspector,
-    step: int,
-    device: torch.device,
+    batches: Iterable[Batch],
     save_recon: bool,
     export: tuple[Path, str] | None,
     advance: Callable[[int], None],
 ) -> None:
-    """Stream one split through the inspector into preallocated datasets of `dst`."""
-    images = src[f"{split}/images"]
+    """Write one split's batches into preallocated datasets of `dst` (and its maps as TIFFs)."""
     writer = create_split(dst, src, split, save_recon)
     if export is not None:
         types, names = (
@@ -90,16 +121,41 @@ def _write_split(
             read_strings(src, f"{split}/names"),
         )
         orig = src[f"{split}/orig_sizes"][()]
-    n = images.shape[0]
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        residual, score, recon = inspect_uint8(inspector, images[start:stop], device)
+    for start, residual, score, recon in batches:
         writer.write(start, residual.numpy(), score.numpy(), recon.numpy())
         if export is not None:
-            for j in range(start, stop):
+            for j in range(start, start + len(score)):
                 orig_hw = (int(orig[j, 0]), int(orig[j, 1]))
                 _export_map(*export, types[j], names[j], residual[j - start], orig_hw)
-        advance(stop - start)
+        advance(len(score))
+
+
+def _validation_first(
+    src: h5py.File,
+    dst: h5py.File,
+    inspector: Inspector,
+    step: int,
+    device: torch.device,
+    tile: TileConfig,
+    advance: Callable[[int], None],
+) -> None:
+    """Validation maps, then (with tile.normalize) their statistics, which normalise every map."""
+    batches = list(_inspect_split(src, "validation", inspector, step, device))
+    if tile.normalize != "none":
+        stats = MapStatistics()
+        for _, residual, _, _ in batches:
+            stats.add(residual.numpy())
+        mean, std = stats.mean_std(tile.normalize, tile.normalize_floor)
+        if stats.count < MIN_VALIDATION:
+            console.warn(
+                f"tile.normalize '{tile.normalize}': statistics of only {stats.count} good "
+                f"validation image(s); {MIN_VALIDATION} or more make them reliable "
+                "(dataset.val_fraction)"
+            )
+        write_normalization(dst, mean, std)
+        inspector.normalize_with(mean, std)
+        batches = _normalized(batches, mean, std, tile)
+    _write_split(src, dst, "validation", batches, tile.save_reconstructions, None, advance)
 
 
 def _root_name(profile: Profile) -> str:
@@ -186,18 +242,10 @@ def run(
             loop_start = time.perf_counter()
             with torch.inference_mode(), console.progress() as bar:
                 task = bar.add_task("tile-test", total=total)
-                for split in SPLITS:
-                    _write_split(
-                        src,
-                        dst,
-                        split,
-                        inspector,
-                        step,
-                        device,
-                        tile.save_reconstructions,
-                        export if split == "test" else None,
-                        lambda n: bar.advance(task, n),
-                    )
+                advance = functools.partial(bar.advance, task)
+                _validation_first(src, dst, inspector, step, device, tile, advance)
+                batches = _inspect_split(src, "test", inspector, step, device)
+                _write_split(src, dst, "test", batches, tile.save_reconstructions, export, advance)
             loop_seconds = time.perf_counter() - loop_start
     write_profile(eff, out.parent, f"{out.stem}.profile.toml")
 

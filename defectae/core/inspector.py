@@ -16,12 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from defectae.core.normalize import normalize_maps
 from defectae.core.residuals import DEFAULT_RESIDUAL, image_scores, residual_map, residual_weights
-from defectae.core.tiling import extract_patches, fuse_patches, tile_origins
+from defectae.core.tiling import extract_patches, fuse_patches, fusion_window, tile_origins
 
 
 class Inspector(nn.Module):
     """image (B, C, H, W) in [0, 1] -> (residual (B, 1, H, W), score (B,), recon (B, C, H, W)).
+
+    Tiles are fused with `fusion` weights (core.tiling.fusion_window). `normalization`, the
+    (mean, std) of good validation maps (scalars or (H, W) maps), turns the residual into a
+    z-score before the image score, so an export scores exactly as tile-test does.
 
     `residual_options` are `residual_map`'s keyword arguments, `score_options` `image_scores`'.
     Patches go through the model in chunks of `batch_size` (0 = all at once, e.g. for an export
@@ -38,8 +43,10 @@ class Inspector(nn.Module):
         stride: int,
         whole_image: bool = False,
         batch_size: int = 0,
+        fusion: str = "uniform",
         residual_options: Mapping[str, Any] | None = None,
         score_options: Mapping[str, Any] | None = None,
+        normalization: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         self.residual_options = dict(residual_options or {})
@@ -48,10 +55,19 @@ class Inspector(nn.Module):
         if not whole_image:
             tile_origins(patch_size, patch_size, stride)  # checks the stride against the patch
         self.model = model
+        self.register_buffer("window", None if whole_image else fusion_window(patch_size, fusion))
+        self.register_buffer("norm_mean", None)
+        self.register_buffer("norm_std", None)
+        if normalization is not None:
+            self.normalize_with(*normalization)
         self.patch_size = patch_size
         self.stride = stride
         self.whole_image = whole_image
         self.batch_size = batch_size
+
+    def normalize_with(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """From now on, return maps as z-scores of these good-image statistics (core.normalize)."""
+        self.norm_mean, self.norm_std = mean.float(), std.float()
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """The model's float32 reconstruction of a batch of model-sized inputs, in chunks."""
@@ -75,8 +91,10 @@ class Inspector(nn.Module):
                 )
         else:
             patches = extract_patches(x, size, self.stride)  # (B * N, C, size, size)
-            recon = fuse_patches(self.reconstruct(patches), (h, w), size, self.stride)
+            recon = fuse_patches(self.reconstruct(patches), (h, w), size, self.stride, self.window)
         residual = residual_map(x, recon, **self.residual_options)
+        if self.norm_mean is not None and self.norm_std is not None:
+            residual = normalize_maps(residual, self.norm_mean, self.norm_std)
         return residual, image_scores(residual, **self.score_options), recon
 
 

@@ -109,24 +109,56 @@ def _overlap_add(
     return total
 
 
-def fuse_patches(
-    patches: torch.Tensor, image_hw: tuple[int, int], size: int, stride: int
-) -> torch.Tensor:
-    """Inverse of `extract_patches`: (B * N, C, size, size) -> (B, C, H, W), overlaps averaged.
+FUSIONS = ("gaussian", "uniform")
 
-    Averages the deviations from one covering tile (reference + fold(deviation) / overlap count):
-    the plain mean, better conditioned, and identical overlapping tiles come back exactly
+
+def fusion_window(
+    size: int, fusion: str = "gaussian", device: torch.device | None = None
+) -> torch.Tensor:
+    """The (size, size) weight of each tile pixel in the fusion: 1 everywhere ("uniform"), or a
+    Gaussian of sigma size/4 around the tile centre ("gaussian", as MONAI's sliding-window
+    inference), so that a model's patch-edge errors count less where a more central tile
+    covers the same pixel. Border pixels covered by edge tiles only still get their value."""
+    if fusion == "uniform":
+        return torch.ones(size, size, device=device)
+    if fusion != "gaussian":
+        raise DefectaeError(f"tile.fusion '{fusion}': expected one of {', '.join(FUSIONS)}")
+    centre = (size - 1) / 2.0
+    axis = torch.exp(-0.5 * ((torch.arange(size, device=device) - centre) / (size / 4.0)) ** 2)
+    return axis[:, None] * axis[None, :]
+
+
+def fuse_patches(
+    patches: torch.Tensor,
+    image_hw: tuple[int, int],
+    size: int,
+    stride: int,
+    window: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Inverse of `extract_patches`: (B * N, C, size, size) -> (B, C, H, W), overlaps averaged,
+    each tile pixel weighted by `window` (size, size) (None: all equal).
+
+    Averages the deviations from one covering tile (reference + fold(w * deviation) / fold(w)):
+    the weighted mean, better conditioned, and identical overlapping tiles come back exactly
     (a float32 sum of k copies divided by k is not always the copy).
     """
     h, w = image_hw
     c, dev = int(patches.shape[1]), patches.device
-    nw = len(tile_origins(w, size, stride))
+    nh, nw = len(tile_origins(h, size, stride)), len(tile_origins(w, size, stride))
     th, oy = _axis_index(h, size, stride, dev)
     tw, ox = _axis_index(w, size, stride, dev)
     tile = (th[:, None] * nw + tw[None, :]).reshape(-1)  # (H * W,) tile answering for each pixel
     offset = (oy[:, None] * size + ox[None, :]).reshape(-1)  # (H * W,) position inside that tile
-    flat = patches.reshape(-1, len(tile_origins(h, size, stride)) * nw, c, size * size)
+    flat = patches.reshape(-1, nh * nw, c, size * size)
     ref = flat[:, tile, :, offset].permute(1, 2, 0).reshape(-1, c, h, w)  # (B, C, H, W)
     deviation = patches - extract_patches(ref, size, stride)
-    count = _axis_count(h, size, stride, dev)[:, None] * _axis_count(w, size, stride, dev)[None, :]
-    return ref + _overlap_add(deviation, (h, w), size, stride) / count.to(patches.dtype)
+    if window is None:
+        count = (
+            _axis_count(h, size, stride, dev)[:, None] * _axis_count(w, size, stride, dev)[None, :]
+        )
+        return ref + _overlap_add(deviation, (h, w), size, stride) / count.to(patches.dtype)
+    weight = window.to(patches.dtype)[None, None]  # (1, 1, size, size)
+    total = _overlap_add(
+        weight.expand(nh * nw, 1, size, size), (h, w), size, stride
+    )  # (1, 1, H, W)
+    return ref + _overlap_add(deviation * weight, (h, w), size, stride) / total

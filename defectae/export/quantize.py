@@ -76,7 +76,12 @@ def _no_auroc(images: int, reason: str) -> dict[str, Any]:
 
 
 def int8_accuracy_cost(
-    fp32: nn.Module, int8: nn.Module, profile: Profile, prepared: Path | None, whole_image: bool
+    fp32: nn.Module,
+    int8: nn.Module,
+    profile: Profile,
+    prepared: Path | None,
+    whole_image: bool,
+    normalization: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Image and pixel AUROC of the test images with the fp32 and the int8 model, and the change."""
     if prepared is None:
@@ -88,6 +93,7 @@ def int8_accuracy_cost(
             patch_size=patch,
             whole_image=whole_image,
             batch_size=tile.batch_size,
+            normalization=normalization,
             **tile.inspector_options(),
         ).eval()
         for key, m in zip(PRECISIONS, (fp32, int8), strict=True)

@@ -225,7 +225,17 @@ class TileConfig:
     ssim_sigma: float = opt(1.5, 0.1, 10.0)
     ssim_k1: float = opt(0.01, 0.0, 1.0)
     ssim_k2: float = opt(0.03, 0.0, 1.0)
+    fusion: Literal["gaussian", "uniform"] = opt(
+        "gaussian", doc="weight of tile pixels when overlapping tiles are averaged"
+    )
     smooth_sigma: float = opt(0.0, 0.0, 50.0, doc="Gaussian smoothing of the residual map; 0 = off")
+    normalize: Literal["none", "global", "pixel"] = opt(
+        "none",
+        doc="maps as z-scores of the good validation maps: one mean/std, or one per pixel (aligned objects)",
+    )
+    normalize_floor: float = opt(
+        0.1, 0.0, 10.0, doc="pixel normalisation: std floor, as a fraction of the global std"
+    )
     score: Literal["max", "topk"] = opt(
         "max", doc="image score: max of the map or mean of the top k%"
     )
@@ -255,6 +265,7 @@ class TileConfig:
         """The settings that turn reconstructions into maps and scores, as the Inspector takes them."""
         return {
             "stride": self.stride,
+            "fusion": self.fusion,
             "residual_options": self.residual_options(),
             "score_options": self.score_options(),
         }

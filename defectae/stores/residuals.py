@@ -1,6 +1,8 @@
 """residuals.h5, written by tile-test: the maps, and the test-time settings that made them.
 
-Per group "test" and "validation":
+Per group "test" and "validation" (validation is computed first: with tile.normalize, its
+maps give the statistics, group "normalization" with mean and std, that every map is
+normalised with):
     residuals (N, 1, H, W) float16, recon (N, C, H, W) uint8 (tile.save_reconstructions),
     scores (N,) float32, names, defect_types, labels, files, orig_sizes (copied from prepared.h5)
 File attributes: format, format_version, checkpoint, checkpoint_sha256, prepared,
@@ -20,6 +22,7 @@ from typing import Any
 
 import h5py
 import numpy as np
+import torch
 
 from defectae import __version__
 from defectae.errors import DefectaeError
@@ -84,6 +87,22 @@ def create_split(dst: h5py.File, src: h5py.File, split: str, save_recon: bool) -
             "recon", (n, c, h, w), np.uint8, chunks=(1, c, h, w) if chunks else None
         )
     return SplitWriter(residuals, scores, recon)
+
+
+def write_normalization(f: h5py.File, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """Record the good-image statistics the maps were normalised with (tile.normalize)."""
+    g = f.create_group("normalization")
+    g["mean"] = mean.numpy().astype(np.float32)
+    g["std"] = std.numpy().astype(np.float32)
+
+
+def read_normalization(path: str | Path) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The (mean, std) the maps of a residuals.h5 were normalised with, or None."""
+    with open_residuals(path) as f:
+        if "normalization" not in f:
+            return None
+        mean, std = f["normalization/mean"][()], f["normalization/std"][()]
+        return torch.from_numpy(mean), torch.from_numpy(std)
 
 
 @dataclass
