@@ -222,6 +222,22 @@ def _warn_sizes(splits: dict[str, PreparedSplit], size: tuple[int, int]) -> None
         )
 
 
+def _downloaded(prof: Profile, url: str, sha256: str | None, synthetic: str | None) -> Profile:
+    """Fetch and unpack the dataset archive; the profile then points at the unpacked folder."""
+    ds = prof.dataset
+    if synthetic is not None or ds.layout == "synthetic":
+        raise DefectaeError("--download: a synthetic dataset is generated, not downloaded")
+    expected = sha256 or ds.download_sha256
+    if not expected:
+        raise DefectaeError(
+            "--sha256: expected the archive's SHA-256 (or dataset.download_sha256 in the profile)"
+        )
+    unpacked = fetch_dataset(url, expected, ds.category)
+    return _with_dataset(
+        prof, root=str(unpacked), download_url=url, download_sha256=expected.lower()
+    )
+
+
 def run(
     profile: str | None,
     sets: list[str],
@@ -233,22 +249,11 @@ def run(
 ) -> dict[str, Any]:
     """Prepare the profile's dataset into one HDF5 file and return the --json summary."""
     prof = resolve_profile(profile, sets, root, synthetic)
-    ds = prof.dataset
     if sha256 is not None and download is None:
         raise DefectaeError("--sha256: only used with --download URL")
     if download is not None:
-        if synthetic is not None or ds.layout == "synthetic":
-            raise DefectaeError("--download: a synthetic dataset is generated, not downloaded")
-        expected = sha256 or ds.download_sha256
-        if not expected:
-            raise DefectaeError(
-                "--sha256: expected the archive's SHA-256 (or dataset.download_sha256 in the profile)"
-            )
-        unpacked = fetch_dataset(download, expected, ds.category)
-        prof = _with_dataset(
-            prof, root=str(unpacked), download_url=download, download_sha256=expected.lower()
-        )
-        ds = prof.dataset
+        prof = _downloaded(prof, download, sha256, synthetic)
+    ds = prof.dataset
     if not ds.root:
         raise DefectaeError(
             f"dataset.root: profile '{prof.name}' names no dataset folder; pass --root PATH"
