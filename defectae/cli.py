@@ -39,6 +39,13 @@ SetOpt = Annotated[
     typer.Option("--set", help="Override a profile key: section.key=value (repeatable)."),
 ]
 RootOpt = Annotated[Optional[str], typer.Option("--root", help="Override the dataset root folder.")]
+AllowUnfinishedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-unfinished",
+        help="Use a run that stopped on a NaN loss or never finished an epoch.",
+    ),
+]
 
 
 @app.callback()
@@ -144,7 +151,7 @@ def train(
     """Train a model on the patch dataset (AMP, torch.compile, early stopping, resume, DDP)."""
     from defectae.commands import train as command
 
-    prof = None if resume is not None and profile is None else _profile(profile, sets, root)
+    prof = _profile(profile, sets, root, required=resume is None)
     _done(
         command.run(
             prof,
@@ -154,6 +161,8 @@ def train(
             compile_model=compile_mode,
             find_batch_size=find_batch_size,
             write_batch_size=write_batch_size,
+            sets=sets or [],
+            root=root,
         )
     )
 
@@ -173,6 +182,7 @@ def tile_test(
     export_maps: Annotated[
         Optional[Path], typer.Option("--export-maps", help="Write MVTec-evaluator TIFF maps here.")
     ] = None,
+    allow_unfinished: AllowUnfinishedOpt = False,
 ) -> None:
     """Reconstruct every test and validation image by sliding window and write residual maps."""
     from defectae.commands import tiletest as command
@@ -184,6 +194,7 @@ def tile_test(
             prepared=prepared,
             out=out,
             export_maps=export_maps,
+            allow_unfinished=allow_unfinished,
         )
     )
 
@@ -204,6 +215,7 @@ def score(
     ] = None,
     protocol: Annotated[str, typer.Option("--protocol", help="mvtec or radli.")] = "mvtec",
     out: Annotated[Optional[Path], typer.Option("--out", help="Report folder.")] = None,
+    allow_unfinished: AllowUnfinishedOpt = False,
 ) -> None:
     """Compute image and pixel metrics and write metrics.json, figures and index.html."""
     from defectae.commands import score as command
@@ -216,6 +228,7 @@ def score(
             gt=gt,
             protocol=protocol,
             out=out,
+            allow_unfinished=allow_unfinished,
         )
     )
 
@@ -238,6 +251,7 @@ def export(
             help="Largest max-abs difference from the eager model (default 1e-4).",
         ),
     ] = None,
+    allow_unfinished: AllowUnfinishedOpt = False,
 ) -> None:
     """Export the model and the whole-image inspector, verified against the eager model."""
     from defectae.commands import export as command
@@ -249,6 +263,7 @@ def export(
             int8=int8,
             out=out,
             tolerance=command.TOLERANCE if tolerance is None else tolerance,
+            allow_unfinished=allow_unfinished,
         )
     )
 

@@ -15,6 +15,7 @@ import os
 import time
 from pathlib import Path
 
+from defectae import console
 from defectae.errors import DefectaeError
 from defectae.profiles import Profile
 
@@ -48,13 +49,23 @@ def new_run_dir(profile: Profile) -> Path:
 
 
 def latest_run(profile: Profile) -> Path:
-    """The newest run folder of a profile holding a checkpoint."""
+    """The newest run folder of a profile holding a checkpoint, passing over runs that stopped on
+    a NaN loss or never finished an epoch; when every run is such, the newest one (so that the
+    command's own check says why, and --allow-unfinished can still evaluate it)."""
+    from defectae.stores.checkpoint import checkpoint_in, untrained_reason  # imports torch
+
     root = runs_root(profile)
     runs = sorted(
-        p for p in root.glob("*") if (p / "last.pt").is_file() or (p / "best.pt").is_file()
+        (p for p in root.glob("*") if (p / "last.pt").is_file() or (p / "best.pt").is_file()),
+        reverse=True,
     )
     if not runs:
         raise DefectaeError(
             f"{root}: no training run with a checkpoint; run `defectae train --profile {profile.name}` first"
         )
-    return runs[-1]
+    for run in runs:
+        reason = untrained_reason(checkpoint_in(run))
+        if reason is None:
+            return run
+        console.debug(f"{run}: skipped, the run {reason}")
+    return runs[0]

@@ -10,8 +10,8 @@ import sys
 import h5py
 import numpy as np
 import pytest
-from PIL import Image
 from builders import untrained_checkpoint
+from PIL import Image
 from typer.testing import CliRunner
 
 from defectae import profiles, workspace

@@ -423,3 +423,13 @@ def test_the_inspector_normalises_before_scoring():
         (r, _, _), (z, score, _) = plain(x), normed(x)
     torch.testing.assert_close(z, (r - 0.2) / 0.5)
     torch.testing.assert_close(score, z.flatten(1).amax(1))
+
+
+def test_the_image_score_can_ignore_a_border_frame():
+    maps = torch.zeros(2, 1, 20, 30)
+    maps[0, 0, 0, 0] = 9.0  # a border pixel: ignored with margin 2
+    maps[1, 0, 10, 15] = 3.0
+    np.testing.assert_allclose(image_scores(maps, margin=2).numpy(), [0.0, 3.0])
+    np.testing.assert_allclose(image_scores(maps).numpy(), [9.0, 3.0])
+    with pytest.raises(DefectaeError, match="tile.score_margin 10"):
+        image_scores(maps, margin=10)

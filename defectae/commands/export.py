@@ -45,7 +45,7 @@ from defectae.export.quantize import AUROCS, int8_accuracy_cost, quantize_int8
 from defectae.files import atomic_path, output_dir, sha256_file, write_text_atomic
 from defectae.models import get_family
 from defectae.profiles import Profile, TileConfig, to_dict, write_profile
-from defectae.stores.checkpoint import checkpoint_in, load_model
+from defectae.stores.checkpoint import checkpoint_in, load_model, require_trained
 from defectae.stores.patches import open_patches
 from defectae.stores.prepared import open_prepared
 from defectae.stores.residuals import (
@@ -425,6 +425,7 @@ def run(
     int8: bool = False,
     out: Path | None = None,
     tolerance: float = TOLERANCE,
+    allow_unfinished: bool = False,
 ) -> dict[str, Any]:
     """Export a run's model and inspector, verified against the eager model; writes RUN/export/ by default."""
     started = time.perf_counter()
@@ -433,6 +434,7 @@ def run(
         converters.require_onnx()
     run = Path(run)
     ckpt = checkpoint_in(run)
+    require_trained(ckpt, allow_unfinished)
     model, profile, state = load_model(ckpt, "cpu")
     family = get_family(profile.model.family)
     out = output_dir(out if out is not None else run / "export")

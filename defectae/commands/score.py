@@ -24,6 +24,7 @@ from defectae.errors import DefectaeError
 from defectae.files import output_dir, sha256_file
 from defectae.profiles import Profile, ScoreConfig, to_dict
 from defectae.profiles.load import PROFILE_FILE
+from defectae.stores.checkpoint import require_trained
 from defectae.stores.prepared import file_attr_json, open_prepared, read_strings
 from defectae.stores.residuals import Residuals, open_residuals, read_residuals
 from defectae.stores.scores import write_metrics
@@ -36,6 +37,7 @@ def run(
     gt: Path | None,
     protocol: str,
     out: Path | None,
+    allow_unfinished: bool = False,
 ) -> dict[str, Any]:
     """Score a run's residual maps; write metrics.json, figures and index.html; return the summary."""
     if protocol not in metrics.PROTOCOLS:
@@ -47,6 +49,9 @@ def run(
         profile = _profile_near(run_dir, residuals_path)
     cfg = profile.score if profile is not None else ScoreConfig()
     res = read_residuals(residuals_path)
+    ckpt = Path(str(res.attrs.get("checkpoint", "")))
+    if ckpt.name and ckpt.is_file():
+        require_trained(ckpt, allow_unfinished)
     if profile is not None:
         _check_same_dataset(
             res, profile.dataset.name, profile.dataset.category, f"the profile '{profile.name}'"

@@ -38,7 +38,7 @@ from defectae.files import atomic_path, output_file, sha256_file
 from defectae.models import get_family
 from defectae.profiles import Profile, TileConfig, write_profile
 from defectae.profiles.load import PROFILE_FILE
-from defectae.stores.checkpoint import checkpoint_in, load_model
+from defectae.stores.checkpoint import checkpoint_in, load_model, require_trained
 from defectae.stores.prepared import open_prepared, read_strings
 from defectae.stores.residuals import (
     SPLITS,
@@ -179,6 +179,7 @@ def run(
     prepared: Path | None,
     out: Path | None,
     export_maps: Path | None,
+    allow_unfinished: bool = False,
 ) -> dict[str, Any]:
     """Tile-test a run's checkpoint on prepared.h5; write residuals.h5 and its profile beside it."""
     started = time.perf_counter()
@@ -191,6 +192,7 @@ def run(
             raise DefectaeError("--run: expected a run folder, or --profile to use its latest run")
         run = workspace.latest_run(profile)
     ckpt = checkpoint_in(run)
+    require_trained(ckpt, allow_unfinished)
     model, trained, _ = load_model(ckpt, "cpu", expect=profile)
     eff = _test_settings(Path(run), trained, profile)
     tile = eff.tile

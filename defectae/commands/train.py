@@ -3,12 +3,32 @@ the training loop (`defectae.training.loop`, where its choices are explained) an
 
 AMP, torch.compile, validation, early stopping, exact resume, TensorBoard and DDP (under
 torchrun) all live in the loop; `--find-batch-size` in `defectae.training.batch_size`.
+
+A run records what it trained with: the saved profile (RUN/profile.toml and every checkpoint)
+holds the effective settings, `train.device` resolved, `train.amp` as the dtype it picked and
+`train.compile` as used (`--amp` and `--compile` applied; false after a fallback to eager), with
+the batch size; the checkpoint adds the patches file and the number of DDP processes. A plain
+`--resume RUN` continues with exactly these, so it ends with the uninterrupted run's weights.
+
+`--resume` with a `--profile`, `--set`, `--patches`, `--amp` or `--compile` that asks for
+something else applies it only where that is well defined, and otherwise refuses, naming it:
+- `train.epochs` above the epochs done continues the run to the new total. The learning-rate
+  schedule is then the one over the new total, from the step reached (a cosine that had reached
+  0 goes on from its value at that step of the longer schedule); the summary says so.
+- keys that never touch the weights (`FREE_ON_RESUME`) are taken.
+- any other change (learning rate, batch size, model, loss, device, AMP, compile, patches, the
+  number of processes, ...) is refused: start a new run.
+The test-time sections ([tile], [score]) are not training's: a `--profile` may differ there, and
+RUN/profile.toml keeps the run's own.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +40,15 @@ from defectae import console, profiles, workspace
 from defectae import device as devices
 from defectae.errors import DefectaeError
 from defectae.profiles import Profile
-from defectae.stores.checkpoint import check_profile, load_checkpoint, profile_of, trained_sections
+from defectae.profiles.load import PROFILE_FILE
+from defectae.stores.checkpoint import (
+    TRAINED_SECTIONS,
+    CheckpointState,
+    check_profile,
+    load_checkpoint,
+    profile_of,
+    trained_sections,
+)
 from defectae.stores.patches import PatchDataset
 from defectae.training.batch_size import find_batch_size as search_batch_size
 from defectae.training.loop import Run, fit
@@ -28,6 +56,16 @@ from defectae.training.state import TrainState
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 COMPILE_MODES = ("on", "off")
+AMP_OF_DTYPE = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}
+# profile keys a resumed run may change: none of them touches the weights
+FREE_ON_RESUME = (
+    "dataset.root",
+    "train.num_workers",  # corruptions are seeded per batch, whichever worker reads it
+    "train.log_images_every",
+    "train.n_log_images",
+    "train.histograms",
+    "train.find_batch_max",
+)
 
 
 def run(
@@ -38,8 +76,14 @@ def run(
     compile_model: str | None = None,
     find_batch_size: bool = False,
     write_batch_size: bool = False,
+    sets: Sequence[str] = (),
+    root: str | None = None,
 ) -> dict[str, Any]:
-    """Train a model on patches.h5 into a new run folder (or continue one with `resume`)."""
+    """Train a model on patches.h5 into a new run folder (or continue one with `resume`).
+
+    `sets` and `root` (--set, --root) are read only with `resume` and no `profile`: they apply
+    to the run's own profile (otherwise the CLI has resolved them into `profile`).
+    """
     amp = _choice("--amp", amp, AMP_MODES)
     compile_model = _choice("--compile", compile_model, COMPILE_MODES)
     if write_batch_size and not find_batch_size:
@@ -50,13 +94,16 @@ def run(
             raise DefectaeError(
                 "--find-batch-size: not with --resume (the batch size of a run is fixed)"
             )
-        resumed, profile = _resume_state(Path(resume), profile)
+        resumed, profile = _resume(Path(resume), profile, sets, root, patches, amp, compile_model)
+        patches = Path(resumed["patches"])
     elif profile is None:
         raise DefectaeError(
             "--profile: expected a profile name or a .toml path (or --resume RUN_DIR)"
         )
+    else:
+        profile = _effective(profile, amp, compile_model)
+        patches = Path(patches or workspace.patches_path(profile))
     cfg = profile.train
-    patches = Path(patches or (resumed["patches"] if resumed else workspace.patches_path(profile)))
     num_train = _check_patches(patches, profile)
     rank, world, dev = _init_distributed(devices.resolve_device(cfg.device))
     deterministic = torch.are_deterministic_algorithms_enabled()
@@ -65,7 +112,7 @@ def run(
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = not cfg.deterministic
-        dtype = devices.amp_dtype(dev, amp or cfg.amp)
+        dtype = devices.amp_dtype(dev, cfg.amp)
         if find_batch_size:
             found = search_batch_size(profile, dev, dtype, num_train, world)
             if not write_batch_size:
@@ -73,9 +120,8 @@ def run(
             profile = dataclasses.replace(
                 profile, train=dataclasses.replace(cfg, batch_size=found["batch_size"])
             )
-        compiled = cfg.compile if compile_model is None else compile_model == "on"
         run_dir = Path(resume) if resume else None
-        return _train(profile, patches, resumed, run_dir, dev, dtype, compiled, rank, world)
+        return _train(profile, patches, resumed, run_dir, dev, dtype, rank, world)
     finally:
         torch.use_deterministic_algorithms(deterministic)
         if world > 1:
@@ -89,35 +135,57 @@ def _train(
     run_dir: Path | None,
     dev: torch.device,
     dtype: torch.dtype | None,
-    compile_model: bool,
     rank: int,
     world: int,
 ) -> dict[str, Any]:
     """Build (or restore) the model, make the run folder, run the loop and sum it up."""
-    steps, example = _check_batches(patches, profile.train.batch_size, world)
-    state = TrainState.build(profile, dev, dtype, compile_model, steps, example.to(dev))
+    cfg = profile.train
+    if resumed is not None and world != (trained := resumed["data"].get("world_size", 1)):
+        raise DefectaeError(
+            f"{world} process(es): cannot change on --resume (the run was trained on "
+            f"{trained}); start a new run"
+        )
+    steps, example = _check_batches(patches, cfg.batch_size, world)
+    state = TrainState.build(profile, dev, dtype, cfg.compile, steps, example.to(dev))
+    if state.compiled != cfg.compile:  # torch.compile fell back to eager (it warned why)
+        if resumed is not None:
+            raise DefectaeError(
+                f"{run_dir}: the run was trained compiled, but torch.compile fails here "
+                "(see the warning above); start a new run"
+            )
+        profile = dataclasses.replace(profile, train=dataclasses.replace(cfg, compile=False))
     if resumed is not None:
         state.restore(resumed, run_dir / "last.pt", rank, dev)
     else:
         # independent noise per rank; the weights are rank 0's (DDP broadcasts them)
-        torch.manual_seed(profile.train.seed + rank)
+        torch.manual_seed(cfg.seed + rank)
     run_dir = _run_dir(profile, run_dir, rank == 0, world)
     job = Run(profile, patches, run_dir, dev, dtype, rank, world)
+    planned = resumed["profile"]["train"]["epochs"] if resumed is not None else cfg.epochs
+    record = resumed is None or trained_sections(profile) != resumed["profile"]
     if job.main:
-        if resumed is None:
-            profiles.write_profile(profile, run_dir)
+        if record:
+            profiles.write_profile(_recorded(profile, run_dir), run_dir)
         console.info(f"run folder: {run_dir}")
         console.info(f"tensorboard --logdir {run_dir / 'tensorboard'}")
-    val, rate = fit(job, state, fresh=resumed is None)
+        if planned != cfg.epochs:
+            console.info(
+                f"train.epochs {planned} -> {cfg.epochs}: the run continues to epoch "
+                f"{cfg.epochs}, on the learning-rate schedule over {cfg.epochs} epochs"
+            )
+    val, rate = fit(job, state, save_first=record)
     summary = {
         "run_dir": str(run_dir),
         "tensorboard": f"tensorboard --logdir {run_dir / 'tensorboard'}",
+        "status": state.status,
         "epochs": state.epoch,
+        "epochs_total": cfg.epochs,
+        "epochs_total_before": planned if planned != cfg.epochs else None,
         "best_epoch": state.best_epoch,
         "best_val": state.best_val,
         "stopped_early": state.stopped,
         "steps": state.step,
-        "batch_size": profile.train.batch_size,
+        "batch_size": cfg.batch_size,
         "device": str(dev),
         "world_size": world,
         "amp": devices.amp_name(dtype),
@@ -140,9 +208,14 @@ def _show(name: str, summary: dict[str, Any]) -> None:
         ("steps", summary["steps"]),
         ("best epoch", summary["best_epoch"]),
         ("best validation loss", f"{summary['best_val']:.6g}"),
-        ("stopped early", "yes" if summary["stopped_early"] else "no"),
+        ("status", summary["status"]),
     ):
         table.add_row(key, str(value))
+    if (before := summary["epochs_total_before"]) is not None:
+        total = summary["epochs_total"]
+        table.add_row(
+            "epochs total", f"{total} (was {before}; the learning-rate schedule spans {total})"
+        )
     console.show(table)
 
 
@@ -154,8 +227,28 @@ def _choice(flag: str, value: str | None, choices: tuple[str, ...]) -> str | Non
     return value.lower()
 
 
-def _resume_state(run_dir: Path, profile: Profile | None) -> tuple[dict[str, Any], Profile]:
-    """The run's last.pt and its profile; a --profile given too must be the same profile and model."""
+def _effective(profile: Profile, amp: str | None, compile_model: str | None) -> Profile:
+    """The profile with its training settings as used: the device resolved, `train.amp` as the
+    dtype it picks there, --amp and --compile applied (a fallback to eager is applied later)."""
+    cfg = profile.train
+    dev = devices.resolve_device(cfg.device)
+    dtype = devices.amp_dtype(dev, amp or cfg.amp)
+    compiled = cfg.compile if compile_model is None else compile_model == "on"
+    train = dataclasses.replace(cfg, device=str(dev), amp=AMP_OF_DTYPE[dtype], compile=compiled)
+    return dataclasses.replace(profile, train=train)
+
+
+def _resume(
+    run_dir: Path,
+    profile: Profile | None,
+    sets: Sequence[str],
+    root: str | None,
+    patches: Path | None,
+    amp: str | None,
+    compile_model: str | None,
+) -> tuple[dict[str, Any], Profile]:
+    """The run's last.pt and the profile it continues with: its own, with what the arguments
+    change where a resumed run can take it (see the module doc); anything else is refused."""
     if not run_dir.is_dir():
         raise DefectaeError(f"{run_dir}: run folder not found (--resume expects a run folder)")
     path = run_dir / "last.pt"
@@ -164,26 +257,101 @@ def _resume_state(run_dir: Path, profile: Profile | None) -> tuple[dict[str, Any
         raise DefectaeError(
             f"{path}: not a training checkpoint of `defectae train` (no optimizer state)"
         )
-    saved = profile_of(state, path)
+    if patches is not None and Path(patches).resolve() != Path(state["patches"]).resolve():
+        raise DefectaeError(
+            f"--patches {patches}: cannot change on --resume (the run was trained on "
+            f"{state['patches']}); start a new run"
+        )
+    saved = _effective(profile_of(state, path), None, None)
     if profile is not None:
         check_profile(saved, profile, path, keys=("name",))
-        if changed := _changed_keys(trained_sections(saved), trained_sections(profile)):
-            console.warn(
-                f"--profile differs from the run's profile in {', '.join(changed)}; "
-                f"resuming with the run's own profile ({run_dir / 'profile.toml'})"
+        asked, origin = profile, "--profile"
+    else:
+        asked, origin = _with_sets(saved, sets, root), "--set"
+    asked = _effective(asked, amp, compile_model)
+    done = CheckpointState.from_dict(state)
+    data = profiles.to_dict(saved)
+    for key, was, want in _changes(trained_sections(saved), trained_sections(asked)):
+        if key == "train.epochs":
+            _check_more_epochs(done, saved, want, origin)
+        elif key not in FREE_ON_RESUME:
+            raise _cannot_change(
+                key, was, want, origin, {"train.amp": amp, "train.compile": compile_model}
             )
-    return state, saved
+        *sections, name = key.split(".")
+        target = data
+        for section in sections:
+            target = target[section]
+        target[name] = want
+    return state, profiles.from_dict(data, source=str(path))
 
 
-def _changed_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
-    keys = []
+def _with_sets(saved: Profile, sets: Sequence[str], root: str | None) -> Profile:
+    """The run's profile with --set and --root applied, resolved like any profile file."""
+    test_time = {f.name for f in dataclasses.fields(Profile)} - set(TRAINED_SECTIONS)
+    for item in sets:
+        if (section := item.split("=", 1)[0].strip().split(".")[0]) in test_time:
+            raise DefectaeError(
+                f"--set {item}: [{section}] is not a training setting; "
+                f"`train --resume` keeps the run's own (give it to tile-test or score)"
+            )
+    if not sets and root is None:
+        return saved
+    with tempfile.TemporaryDirectory() as tmp:
+        return profiles.resolve(str(profiles.write_profile(saved, tmp)), list(sets), root)
+
+
+def _check_more_epochs(done: CheckpointState, saved: Profile, epochs: int, origin: str) -> None:
+    """A resumed run can train on to `epochs` only when it has done fewer and did not stop early."""
+    if done.stopped_early:
+        raise DefectaeError(
+            f"{origin} train.epochs {epochs}: the run stopped early at epoch {done.epoch} "
+            f"(train.patience {saved.train.patience}); start a new run"
+        )
+    if epochs <= done.epoch:
+        raise DefectaeError(
+            f"{origin} train.epochs {epochs}: the run has already trained {done.epoch} epochs; "
+            "expected more"
+        )
+
+
+def _cannot_change(
+    key: str, was: Any, want: Any, origin: str, flags: dict[str, str | None]
+) -> DefectaeError:
+    """The refusal of a change a resumed run cannot take, naming the flag or key asking for it."""
+    if flags.get(key) is not None:
+        flag = "--" + key.split(".")[1]
+        trained = ("compiled" if was else "eagerly") if key == "train.compile" else f"with {was}"
+        return DefectaeError(
+            f"{flag} {flags[key]}: cannot change on --resume (the run was trained {trained}); "
+            "start a new run"
+        )
+    return DefectaeError(
+        f"{origin} {key}: cannot change on --resume (the run was trained with "
+        f"{json.dumps(was)}, not {json.dumps(want)}); start a new run"
+    )
+
+
+def _changes(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, value in a, value in b) where two profile dicts differ; model.args as one."""
+    changes = []
     for key in sorted(set(a) | set(b)):
         va, vb = a.get(key), b.get(key)
         if isinstance(va, dict) and isinstance(vb, dict) and key != "args":
-            keys += _changed_keys(va, vb, f"{prefix}{key}.")
+            changes += _changes(va, vb, f"{prefix}{key}.")
         elif va != vb:
-            keys.append(prefix + key)
-    return keys
+            changes.append((prefix + key, va, vb))
+    return changes
+
+
+def _recorded(profile: Profile, run_dir: Path) -> Profile:
+    """RUN/profile.toml to write: training's sections from `profile`, the test-time sections
+    as the run folder recorded them (when it has a profile.toml already)."""
+    path = run_dir / PROFILE_FILE
+    if not path.is_file():
+        return profile
+    trained = {name: getattr(profile, name) for name in TRAINED_SECTIONS}
+    return dataclasses.replace(profiles.load_written(path), **trained)
 
 
 def _check_patches(path: Path, profile: Profile) -> int:

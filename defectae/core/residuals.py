@@ -128,9 +128,17 @@ def residual_map(
 
 
 def image_scores(
-    maps: torch.Tensor, *, score: str = "max", topk_percent: float = 1.0
+    maps: torch.Tensor, *, score: str = "max", topk_percent: float = 1.0, margin: int = 0
 ) -> torch.Tensor:
-    """Anomaly score per image, (B, 1, H, W) -> (B,): the map's maximum, or the mean of its top k%."""
+    """Anomaly score per image, (B, 1, H, W) -> (B,): the map's maximum, or the mean of its top k%,
+    over the map without a frame of `margin` pixels (the border, where reconstructions are worst)."""
+    if margin > 0:
+        h, w = int(maps.shape[2]), int(maps.shape[3])
+        if 2 * margin >= min(h, w):
+            raise DefectaeError(
+                f"tile.score_margin {margin}: leaves nothing of a {h}x{w} map to score"
+            )
+        maps = maps[:, :, margin : h - margin, margin : w - margin]
     flat = maps.flatten(1)  # (B, H * W)
     if score == "max":
         return flat.amax(1)

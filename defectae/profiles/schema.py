@@ -240,6 +240,9 @@ class TileConfig:
         "max", doc="image score: max of the map or mean of the top k%"
     )
     topk_percent: float = opt(1.0, 0.001, 100.0)
+    score_margin: int = opt(
+        0, 0, None, doc="pixels at the image border the image score ignores (the map keeps them)"
+    )
     save_reconstructions: bool = opt(True)
     amp: Literal["auto", "bf16", "fp16", "off"] = opt("auto")
     compile: bool = opt(False)
@@ -259,7 +262,7 @@ class TileConfig:
 
     def score_options(self) -> dict[str, Any]:
         """Keyword arguments of `core.residuals.image_scores`."""
-        return {"score": self.score, "topk_percent": self.topk_percent}
+        return {"score": self.score, "topk_percent": self.topk_percent, "margin": self.score_margin}
 
     def inspector_options(self) -> dict[str, Any]:
         """The settings that turn reconstructions into maps and scores, as the Inspector takes them."""

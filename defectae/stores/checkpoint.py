@@ -1,7 +1,9 @@
 """Checkpoints: one plain dict, saved atomically, loaded with weights_only=True.
 
-`CheckpointState` lists every key. The profile inside keeps only the sections training read;
-test-time settings ([tile], [score]) are decided later and recorded in those commands' outputs.
+`CheckpointState` lists every key. The profile inside keeps only the sections training read,
+with the values training used (device, AMP and compile as decided); test-time settings ([tile],
+[score]) are decided later and recorded in those commands' outputs. `status` says how the run
+ended, so that later commands can refuse a run that never trained (`require_trained`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from defectae.profiles import Profile, from_dict, to_dict
 FORMAT_VERSION = 1
 TRAINED_SECTIONS = ("name", "dataset", "model", "loss", "augment", "corruption", "train")
 META_KEYS = ("version", "format_version")
+# how a run ended, as its last.pt says: "running" while it trains (and after a kill -9)
+STATUSES = ("running", "finished", "stopped_early", "nan", "interrupted")
 
 
 @dataclasses.dataclass
@@ -44,7 +48,7 @@ class CheckpointState:
     best_val: float = math.inf
     best_epoch: int = 0
     bad_epochs: int = 0  # epochs since the best
-    stopped_early: bool = False
+    status: str = "running"  # one of STATUSES
     patches: str = ""  # the patches.h5 trained on
     data: dict[str, int] = dataclasses.field(default_factory=dict)  # seed, batch_size, world_size
 
@@ -56,7 +60,18 @@ class CheckpointState:
     @classmethod
     def from_dict(cls, state: dict[str, Any]) -> CheckpointState:
         """The state of a loaded checkpoint dict (keys a writer left out take their defaults)."""
-        return cls(**{k: v for k, v in state.items() if k not in META_KEYS})
+        state = {k: v for k, v in state.items() if k not in META_KEYS}
+        if "stopped_early" in state:  # written before `status` replaced it
+            stopped = state.pop("stopped_early")
+            epochs = state.get("profile", {}).get("train", {}).get("epochs", math.inf)
+            finished = "finished" if state.get("epoch", 0) >= epochs else "running"
+            state.setdefault("status", "stopped_early" if stopped else finished)
+        return cls(**state)
+
+    @property
+    def stopped_early(self) -> bool:
+        """Early stopping ended the run."""
+        return self.status == "stopped_early"
 
 
 def trained_sections(profile: Profile | dict[str, Any]) -> dict[str, Any]:
@@ -72,6 +87,37 @@ def save_checkpoint(state: CheckpointState | dict[str, Any], path: str | Path) -
     data = {**state.to_dict(), "version": __version__, "format_version": FORMAT_VERSION}
     with atomic_path(path) as tmp:
         torch.save(data, tmp)
+
+
+def record_status(path: str | Path, status: str) -> None:
+    """Rewrite a checkpoint with a new `status`, everything else unchanged (how a run ended)."""
+    state = CheckpointState.from_dict(load_checkpoint(path))
+    save_checkpoint(dataclasses.replace(state, status=status), path)
+
+
+def untrained_reason(ckpt_path: str | Path) -> str | None:
+    """Why a run's checkpoint holds no trained model (stopped on a NaN loss, or no epoch
+    completed), from the run's last.pt where it has one; None for a usable run."""
+    ckpt_path = Path(ckpt_path)
+    last = ckpt_path.with_name("last.pt")
+    state = CheckpointState.from_dict(load_checkpoint(last if last.is_file() else ckpt_path))
+    if state.status == "nan":
+        return f"stopped on a NaN loss at epoch {state.epoch + 1}"
+    if state.epoch == 0:
+        return "never finished an epoch"
+    return None
+
+
+def require_trained(ckpt_path: Path, allow_unfinished: bool) -> None:
+    """Refuse a checkpoint of a run that stopped on a NaN loss or never finished an epoch
+    (its weights are untrained or stale), unless `allow_unfinished`."""
+    if allow_unfinished:
+        return
+    if reason := untrained_reason(ckpt_path):
+        raise DefectaeError(
+            f"{Path(ckpt_path).parent}: the run {reason}; "
+            "pass --allow-unfinished to evaluate it anyway"
+        )
 
 
 def checkpoint_in(run_dir: str | Path) -> Path:

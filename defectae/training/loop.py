@@ -5,7 +5,8 @@ Choices a reader needs:
 - Learning rate: a pure function of the optimizer step (LambdaLR, stepped after every
   optimizer step): a linear warm-up over `warmup_epochs`, then cosine decay to 0 at the last
   step, a decay by `gamma` every `step_size` epochs, or constant. Resume restores the step
-  counter, so the schedule continues exactly.
+  counter, so the schedule continues exactly; a run resumed with more epochs continues on the
+  schedule over its new total (`TrainState.restore` sets the learning rate of that step).
 - Data order: every epoch shuffles the *global* batch indices with a torch.Generator seeded
   by (seed, epoch); an incomplete last batch is dropped. `train.batch_size` is the global
   batch. Under DDP each rank reads a PatchDataset of batch_size / world_size patches, so global
@@ -17,6 +18,9 @@ Choices a reader needs:
   first); nothing is saved mid-epoch. After Ctrl-C or a kill, last.pt holds the last completed
   epoch with the RNG states of torch, numpy and python, and `--resume` restarts the next epoch
   from its beginning, so it ends with the same weights as an uninterrupted run.
+- Status: last.pt says how the run ended: "finished", "stopped_early", "nan" (a non-finite
+  loss; last.pt is rewritten with only its status changed), "interrupted" (Ctrl-C), or
+  "running" while it trains and after a kill.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from defectae import console
 from defectae import device as devices
 from defectae.errors import DefectaeError
 from defectae.profiles import Profile
-from defectae.stores.checkpoint import save_checkpoint
+from defectae.stores.checkpoint import record_status, save_checkpoint
 from defectae.stores.patches import PatchDataset
 from defectae.training.rng import rng_state
 from defectae.training.state import TrainState
@@ -63,8 +67,9 @@ class Run:
         return self.rank == 0
 
 
-def fit(run: Run, state: TrainState, fresh: bool) -> tuple[dict[str, float], float | None]:
-    """Train a built (or restored) state on to the last epoch or an early stop; `fresh`: a new run.
+def fit(run: Run, state: TrainState, save_first: bool) -> tuple[dict[str, float], float | None]:
+    """Train a built (or restored) state on to the last epoch or an early stop; `save_first`:
+    save last.pt before the first epoch (a new run, or a resumed one whose profile changed).
 
     Returns the last validation means and the last epoch's patches/s; `state` holds the rest.
     """
@@ -95,10 +100,12 @@ def fit(run: Run, state: TrainState, fresh: bool) -> tuple[dict[str, float], flo
             f"{steps} steps/epoch, amp {devices.amp_name(run.dtype)}, "
             f"{'compiled' if state.compiled else 'eager'}"
         )
-    if fresh:
+    if save_first:
         save(run, state, "last.pt")
 
     val: dict[str, float] = {}
+    if not state.stopped:  # a resumed run trains on (or stays finished)
+        state.status = "running" if state.epoch < cfg.epochs else "finished"
     try:
         while state.epoch < cfg.epochs and not state.stopped:
             state.epoch += 1
@@ -107,10 +114,8 @@ def fit(run: Run, state: TrainState, fresh: bool) -> tuple[dict[str, float], flo
                 state.model, val_loader, run.profile.loss, state.epoch, dev, run.dtype, run.world
             )
             if not all(math.isfinite(v) for v in val.values()):
-                raise DefectaeError(
-                    f"epoch {state.epoch} step {state.step}: validation loss is {val['total']}; "
-                    f"stopped, {run.run_dir / 'last.pt'} keeps epoch {state.epoch - 1}"
-                )
+                where = f"epoch {state.epoch} step {state.step}: validation loss is {val['total']}"
+                raise _stop_on_nan(run, state, where)
             improved = state.end_epoch(val["total"], cfg)
             record = {
                 "epoch": state.epoch,
@@ -131,7 +136,9 @@ def fit(run: Run, state: TrainState, fresh: bool) -> tuple[dict[str, float], flo
                 save(run, state, "best.pt")
             save(run, state, "last.pt")
     except KeyboardInterrupt:
+        state.status = "interrupted"
         if run.main:
+            record_status(run.run_dir / "last.pt", state.status)
             console.warn(
                 f"interrupted in epoch {state.epoch}; {run.run_dir / 'last.pt'} holds the last "
                 f"completed epoch; continue with `defectae train --resume {run.run_dir}`"
@@ -193,10 +200,8 @@ def train_epoch(
                     world=run.world,
                 )
             except FloatingPointError as e:
-                raise DefectaeError(
-                    f"epoch {state.epoch} step {state.step + 1} (batch {i + 1}/{steps}): loss is "
-                    f"{e.args[0]}; stopped, {run.run_dir / 'last.pt'} keeps epoch {state.epoch - 1}"
-                ) from None
+                where = f"epoch {state.epoch} step {state.step + 1} (batch {i + 1}/{steps})"
+                raise _stop_on_nan(run, state, f"{where}: loss is {e.args[0]}") from None
             state.step += 1
             state.scheduler.step()
             for key, value in terms.items():
@@ -227,6 +232,16 @@ def save(run: Run, state: TrainState, name: str) -> None:
     if run.main:
         checkpoint = state.checkpoint(run.profile, run.patches, rng, run.world)
         save_checkpoint(checkpoint, run.run_dir / name)
+
+
+def _stop_on_nan(run: Run, state: TrainState, where: str) -> DefectaeError:
+    """The error that stops a run on a non-finite loss, after marking last.pt (which keeps the
+    last completed epoch) as stopped on NaN."""
+    state.status = "nan"
+    last = run.run_dir / "last.pt"
+    if run.main:
+        record_status(last, state.status)
+    return DefectaeError(f"{where}; stopped, {last} keeps epoch {state.epoch - 1}")
 
 
 def _mean_over_ranks(sums: dict[str, Tensor], steps: int, world: int) -> dict[str, float]:

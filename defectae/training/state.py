@@ -32,7 +32,7 @@ class TrainState:
     best_val: float = math.inf
     best_epoch: int = 0
     bad_epochs: int = 0  # epochs since the best
-    stopped: bool = False  # early stopping fired
+    status: str = "running"  # how the run ended: one of checkpoint.STATUSES
 
     @classmethod
     def build(
@@ -60,6 +60,11 @@ class TrainState:
         return cls(model, optimizer, scheduler, scaler)
 
     @property
+    def stopped(self) -> bool:
+        """Early stopping ended the run."""
+        return self.status == "stopped_early"
+
+    @property
     def compiled(self) -> bool:
         """Whether torch.compile wraps the model."""
         return self.model is not devices.unwrap(self.model)
@@ -73,7 +78,16 @@ class TrainState:
         self.scaler.load_state_dict(saved.scaler)
         self.epoch, self.step, self.best_val = saved.epoch, saved.step, saved.best_val
         self.best_epoch, self.bad_epochs = saved.best_epoch, saved.bad_epochs
-        self.stopped = saved.stopped_early
+        self.status = saved.status
+        # the learning rate is a function of the step: set it from this state's schedule, which
+        # is the saved one, or (a run extended to more epochs) the one over the new total
+        for group, base, factor in zip(
+            self.optimizer.param_groups,
+            self.scheduler.base_lrs,
+            self.scheduler.lr_lambdas,
+            strict=True,
+        ):
+            group["lr"] = base * factor(self.scheduler.last_epoch)
         set_rng_state(saved.rng[rank if rank < len(saved.rng) else 0], dev)
 
     def end_epoch(self, val_total: float, cfg: TrainConfig) -> bool:
@@ -82,7 +96,10 @@ class TrainState:
         if improved:
             self.best_val, self.best_epoch = val_total, self.epoch
         self.bad_epochs = 0 if improved else self.bad_epochs + 1
-        self.stopped = cfg.patience > 0 and self.bad_epochs >= cfg.patience
+        if cfg.patience > 0 and self.bad_epochs >= cfg.patience:
+            self.status = "stopped_early"
+        elif self.epoch >= cfg.epochs:
+            self.status = "finished"
         return improved
 
     def checkpoint(
@@ -103,7 +120,7 @@ class TrainState:
             best_val=self.best_val,
             best_epoch=self.best_epoch,
             bad_epochs=self.bad_epochs,
-            stopped_early=self.stopped,
+            status=self.status,
             patches=str(patches.resolve()),
             data={
                 "seed": profile.train.seed,
