@@ -261,6 +261,16 @@ CASES = [
         lambda w: ["train", *PROFILE, "--set", "model.args.latent_dimm=4"],
         "latent_dimm",
     ),
+    (
+        "train-resume-changes-lr",
+        lambda w: ["train", "--resume", P(w, "run"), "--set", "train.lr=0.5"],
+        "train.lr",
+    ),
+    (
+        "train-resume-changes-compile",
+        lambda w: ["train", "--resume", P(w, "run"), "--compile", "on"],
+        "--compile",
+    ),
     # ---- tile-test
     ("tiletest-run-missing", lambda w: ["tile-test", "--run", P(w, "missing-run")], "missing-run"),
     ("tiletest-run-is-file", lambda w: ["tile-test", "--run", P(w, "text.txt")], "text.txt"),
