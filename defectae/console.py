@@ -92,7 +92,7 @@ def emit_json(summary: dict[str, Any]) -> None:
 
 
 def progress() -> Progress:
-    """A rich progress display on stderr, hidden with --quiet."""
+    """A rich progress display on stderr, hidden with --quiet and when stderr is not a terminal."""
     return Progress(
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
@@ -100,7 +100,8 @@ def progress() -> Progress:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=stderr,
-        disable=mode.quiet,
+        disable=mode.quiet
+        or not stderr.is_terminal,  # bars are for people; logs and pipes get none
         transient=False,
     )
 
