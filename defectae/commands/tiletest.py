@@ -34,7 +34,7 @@ from defectae.core.residuals import image_scores
 from defectae.core.tiling import tile_origins
 from defectae.device import amp_dtype, compile_or_eager, resolve_device
 from defectae.errors import DefectaeError
-from defectae.files import atomic_path, output_file, sha256_file
+from defectae.files import atomic_path, output_dir, output_file, sha256_file
 from defectae.models import get_family
 from defectae.profiles import Profile, TileConfig, write_profile
 from defectae.profiles.load import PROFILE_FILE
@@ -183,10 +183,8 @@ def run(
 ) -> dict[str, Any]:
     """Tile-test a run's checkpoint on prepared.h5; write residuals.h5 and its profile beside it."""
     started = time.perf_counter()
-    if export_maps is not None and Path(export_maps).exists() and not Path(export_maps).is_dir():
-        raise DefectaeError(
-            f"--export-maps {export_maps}: is a file; expected a folder for the maps"
-        )
+    if export_maps is not None:
+        export_maps = output_dir(export_maps)
     if run is None:
         if profile is None:
             raise DefectaeError("--run: expected a run folder, or --profile to use its latest run")
