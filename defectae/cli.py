@@ -147,6 +147,13 @@ def train(
     write_batch_size: Annotated[
         bool, typer.Option("--write-batch-size", help="With --find-batch-size: train with it.")
     ] = False,
+    max_minutes: Annotated[
+        Optional[float],
+        typer.Option(
+            "--max-minutes",
+            help="Time budget: stop cleanly after the step that reaches it (train.max_minutes; 0 = off).",
+        ),
+    ] = None,
 ) -> None:
     """Train a model on the patch dataset (AMP, torch.compile, early stopping, resume, DDP)."""
     from defectae.commands import train as command
@@ -163,6 +170,7 @@ def train(
             write_batch_size=write_batch_size,
             sets=sets or [],
             root=root,
+            max_minutes=max_minutes,
         )
     )
 
@@ -214,6 +222,14 @@ def score(
         Optional[Path], typer.Option("--gt", help="Ground-truth folder in MVTec layout.")
     ] = None,
     protocol: Annotated[str, typer.Option("--protocol", help="mvtec or radli.")] = "mvtec",
+    resolution: Annotated[
+        Optional[str],
+        typer.Option(
+            "--resolution",
+            help="Pixel metrics at each image's original size or on the prepared grid: "
+            "original or prepared (default: the profile's score.resolution, original).",
+        ),
+    ] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Report folder.")] = None,
     allow_unfinished: AllowUnfinishedOpt = False,
 ) -> None:
@@ -229,6 +245,7 @@ def score(
             protocol=protocol,
             out=out,
             allow_unfinished=allow_unfinished,
+            resolution=resolution,
         )
     )
 

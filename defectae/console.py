@@ -17,6 +17,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    Task,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -91,6 +92,19 @@ def emit_json(summary: dict[str, Any]) -> None:
         print(json.dumps(jsonable(summary), indent=2, sort_keys=False), flush=True)
 
 
+class _Remaining(TimeRemainingColumn):
+    """Rich's time remaining, or the task's own `eta` field (seconds) where it has one: a
+    whole training run knows its ETA better than the speed of its last steps does."""
+
+    def render(self, task: Task) -> Text:
+        eta = task.fields.get("eta")
+        if eta is None:
+            return super().render(task)
+        minutes, seconds = divmod(round(eta), 60)
+        hours, minutes = divmod(minutes, 60)
+        return Text(f"{hours}:{minutes:02d}:{seconds:02d}", style="progress.remaining")
+
+
 def progress() -> Progress:
     """A rich progress display on stderr, hidden with --quiet and when stderr is not a terminal."""
     return Progress(
@@ -98,7 +112,7 @@ def progress() -> Progress:
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        TimeRemainingColumn(),
+        _Remaining(),
         console=stderr,
         disable=mode.quiet
         or not stderr.is_terminal,  # bars are for people; logs and pipes get none

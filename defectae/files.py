@@ -137,11 +137,17 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def open_h5(
-    path: str | Path, fmt: str, version: int, command: str, required: Iterable[str] = ()
+    path: str | Path,
+    fmt: str,
+    version: int,
+    command: str,
+    required: Iterable[str] = (),
+    older: Iterable[int] = (),
 ) -> h5py.File:
     """Open one of defectae's HDF5 files read-only after checking its format, version and datasets.
 
-    `command` is the defectae command that writes the file, named in the error messages.
+    `command` is the defectae command that writes the file, named in the error messages;
+    `older` are earlier format versions the caller still reads.
     """
     path = Path(path)
     kind = fmt.removeprefix("defectae-")
@@ -159,7 +165,7 @@ def open_h5(
         if f.attrs.get("format") != fmt:
             raise DefectaeError(f"{path}: not a defectae {kind} file (attribute format != '{fmt}')")
         found = int(f.attrs.get("format_version", -1))
-        if found != version:
+        if found != version and found not in set(older):
             raise DefectaeError(
                 f"{path}: {kind} format version {found}, expected {version}; run `defectae {command}` again"
             )

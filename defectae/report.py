@@ -53,6 +53,15 @@ def format_value(value: float | None, name: str = "") -> str:
     return f"{value:.4g}" if name.endswith("threshold") else f"{value:.4f}"
 
 
+def format_resolution(summary: dict[str, Any]) -> str:
+    """Where the pixel metrics were computed, e.g. "original, 197-607 x 211-594" (H x W ranges)."""
+    sizes = summary.get("pixel_sizes")
+    if not sizes:
+        return str(summary.get("resolution", "prepared"))
+    span = [f"{lo}" if lo == hi else f"{lo}-{hi}" for lo, hi in (sizes["height"], sizes["width"])]
+    return f"{summary.get('resolution', 'prepared')}, {span[0]} x {span[1]}"
+
+
 # ----------------------------------------------------------------------------- curves
 
 
@@ -307,6 +316,11 @@ def index_html(
         ("residuals", summary["residuals"]),
         ("ground truth", summary["ground_truth"]),
         ("protocol", summary["protocol"]),
+        (
+            "resolution",
+            format_resolution(summary)
+            + (f" ({summary['resolution_note']})" if summary.get("resolution_note") else ""),
+        ),
         (
             "label-free threshold",
             f"{threshold['method']}: {format_value(threshold['value'], 'threshold')}"

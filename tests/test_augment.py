@@ -445,7 +445,7 @@ def test_bad_inputs(tmp_path, prepared):
     old.write_bytes(prepared.read_bytes())
     with h5py.File(old, "r+") as f:
         f.attrs["format_version"] = 0
-    with pytest.raises(DefectaeError, match="format version 0, expected 1") as e:
+    with pytest.raises(DefectaeError, match="format version 0, expected 2") as e:
         augment.run(profile(), old, out)
     _one_line(e)
     assert not out.exists()
@@ -517,6 +517,7 @@ def test_cli_json_summary(tmp_path, prepared, monkeypatch):
         "channels",
         "seconds",
         "patches_per_s",
+        "intensity",
     }
     assert summary["train_patches"] == 12 and summary["validation_patches"] == 3 and out.is_file()
 

@@ -112,6 +112,7 @@ def setup(home):
     """A profile, its prepared.h5 and a run folder with a checkpoint and residuals.h5."""
     profile = profiles.resolve("synthetic-ae")
     test = make_split(TYPES)
+    test.orig_masks = [np.kron(m[0], np.ones((2, 2), np.uint8)) for m in test.masks]  # 2x size
     splits = {
         "train": make_split(["good"] * 2),
         "validation": make_split(["good"] * 3),

@@ -437,6 +437,11 @@ def run(
     require_trained(ckpt, allow_unfinished)
     model, profile, state = load_model(ckpt, "cpu")
     family = get_family(profile.model.family)
+    if profile.dataset.resize != "stretch":
+        raise DefectaeError(
+            f"{ckpt}: dataset.resize = '{profile.dataset.resize}': export builds its inspector "
+            "for dataset.image_size and supports only resize = 'stretch' so far"
+        )
     out = output_dir(out if out is not None else run / "export")
     data = reference_data(run, profile, state)
     tile, threshold = test_settings(run, profile)

@@ -1,9 +1,12 @@
 """`defectae prepare`: read a dataset in any layout and write one prepared HDF5 file.
 
 Images are resized to dataset.image_size (bilinear) in the profile's colour mode, masks
-with nearest neighbour and stored as {0, 1}. The output defaults to work/DATASET/prepared.h5;
-the resolved profile is written beside it as `<stem>.profile.toml` (prepared.profile.toml), so
-it never clashes with the profile.toml of another output in the same folder.
+with nearest neighbour and stored as {0, 1}. With dataset.resize = "short-side" the short side
+goes to min(image_size) and the aspect ratio is kept (every image must then reach one size);
+dataset.intensity then matches each image's mean (and std) to the training images', after
+resizing. The output defaults to work/DATASET/prepared.h5; the resolved profile is written
+beside it as `<stem>.profile.toml` (prepared.profile.toml), so it never clashes with the
+profile.toml of another output in the same folder.
 `--synthetic NAME` needs no --profile: it uses the dataset profile `synthetic-NAME` if one
 exists, else `synthetic`, with the `ae` model. A synthetic dataset's relative root lies under
 the workspace ($DEFECTAE_HOME), like every other generated output.
@@ -23,7 +26,15 @@ from rich.table import Table
 from defectae import console, profiles, workspace
 from defectae.data.download import download as fetch_dataset
 from defectae.data.folders import list_folders
-from defectae.data.images import read_image, read_mask, resize_image, resize_mask
+from defectae.data.images import (
+    image_size,
+    read_image,
+    read_mask,
+    resize_image,
+    resize_mask,
+    short_side_size,
+)
+from defectae.data.lighting import intensity_targets, normalise_intensity
 from defectae.data.mvtec import list_mvtec, list_mvtec3d
 from defectae.data.split import Listing, Sample, assign_splits
 from defectae.errors import DefectaeError
@@ -91,13 +102,15 @@ class _Item:
     defect_type: str
     orig_size: tuple[int, int]
     empty_defect_mask: bool
+    orig_mask: np.ndarray  # (H, W) bool at the original size
 
 
 class _Reader:
     """Reads samples at the profile's size; tiles of one strip share a single decode."""
 
-    def __init__(self, ds: DatasetConfig) -> None:
+    def __init__(self, ds: DatasetConfig, size: tuple[int, int]) -> None:
         self.ds = ds
+        self.size = size
         self._key: tuple[Path, tuple[Path, ...]] | None = None
         self._cached: tuple[np.ndarray, np.ndarray] | None = None
 
@@ -133,19 +146,18 @@ class _Reader:
             raise DefectaeError(
                 f"{sample.masks[0]}: the mask of a defect-free image is not all-zero"
             )
-        size = tuple(self.ds.image_size)
-        out_image = resize_image(image, size).transpose(2, 0, 1)
-        out_mask = resize_mask(mask, size)[None].astype(np.uint8)
+        out_image = resize_image(image, self.size).transpose(2, 0, 1)
+        out_mask = resize_mask(mask, self.size)[None].astype(np.uint8)
         return _Item(
-            out_image, out_mask, label, kind, image.shape[:2], label == 1 and not defective
+            out_image, out_mask, label, kind, image.shape[:2], label == 1 and not defective, mask
         )
 
 
 def _read_split(
-    samples: list[Sample], reader: _Reader, bar: Any, task: Any
+    samples: list[Sample], reader: _Reader, bar: Any, task: Any, original_masks: bool = False
 ) -> tuple[PreparedSplit, list[str]]:
     ds = reader.ds
-    h, w = ds.image_size
+    h, w = reader.size
     split = PreparedSplit(
         images=np.empty((len(samples), ds.channels, h, w), np.uint8),
         masks=np.empty((len(samples), 1, h, w), np.uint8),
@@ -154,12 +166,15 @@ def _read_split(
         names=[],
         files=[],
         orig_sizes=np.empty((len(samples), 2), np.int32),
+        orig_masks=[] if original_masks else None,
     )
     empty_masks = []
     for i, sample in enumerate(samples):
         item = reader.read(sample)
         split.images[i], split.masks[i], split.labels[i] = item.image, item.mask, item.label
         split.orig_sizes[i] = item.orig_size
+        if split.orig_masks is not None:  # score's original-resolution ground truth
+            split.orig_masks.append(item.orig_mask.astype(np.uint8))
         split.defect_types.append(item.defect_type)
         split.names.append(sample.name)
         split.files.append(sample.file)
@@ -167,6 +182,40 @@ def _read_split(
             empty_masks.append(sample.file)
         bar.advance(task)
     return split, empty_masks
+
+
+def _prepared_size(samples: dict[str, list[Sample]], ds: DatasetConfig) -> tuple[int, int]:
+    """The one (H, W) of the stored arrays: dataset.image_size, or with resize = "short-side"
+    each image's aspect-preserving size (read from the file headers), which must agree."""
+    size = (int(ds.image_size[0]), int(ds.image_size[1]))
+    if ds.resize == "stretch":
+        return size
+    first: tuple[str, tuple[int, int], tuple[int, int]] | None = None
+    for sample in (s for name in SPLITS for s in samples[name]):
+        orig = sample.box[2:] if sample.box is not None else image_size(sample.path)
+        resized = short_side_size(orig, min(size))
+        if first is None:
+            first = (sample.file, orig, resized)
+        elif resized != first[2]:
+            f0, o0, r0 = first
+            raise DefectaeError(
+                f'dataset.resize = "short-side": {f0} ({o0[0]}x{o0[1]}) becomes {r0[0]}x{r0[1]} '
+                f"but {sample.file} ({orig[0]}x{orig[1]}) becomes {resized[0]}x{resized[1]}; "
+                'one prepared file holds one size: use dataset.resize = "stretch"'
+            )
+    return first[2] if first is not None else size
+
+
+def _normalise_splits(splits: dict[str, PreparedSplit], mode: str) -> dict[str, Any]:
+    """Apply dataset.intensity in place to every split, with targets from the training images
+    only; return the attributes that record it (the targets, for new images later)."""
+    if mode == "none":
+        return {"intensity": mode}
+    mean, std = intensity_targets(splits["train"].images)
+    for split in splits.values():
+        for i, image in enumerate(split.images):
+            split.images[i] = normalise_intensity(image, mode, mean, std)
+    return {"intensity": mode, "intensity_mean": mean, "intensity_std": std}
 
 
 def _size_range(sizes: np.ndarray) -> str:
@@ -196,10 +245,11 @@ def _show(summary: dict[str, Any], splits: dict[str, PreparedSplit]) -> None:
     console.show(types)
 
 
-def _warn_sizes(splits: dict[str, PreparedSplit], size: tuple[int, int]) -> None:
-    """Say when images were enlarged or squashed to dataset.image_size: both change what a
+def _warn_sizes(splits: dict[str, PreparedSplit], size: tuple[int, int], resize: str) -> None:
+    """Say when images were enlarged or squashed to the prepared size: both change what a
     defect looks like, and the user should know which images and by how much."""
     h, w = size
+    target_name = "dataset.image_size" if resize == "stretch" else "the prepared size"
     names = [
         (n, f, tuple(o))
         for n, s in splits.items()
@@ -209,16 +259,19 @@ def _warn_sizes(splits: dict[str, PreparedSplit], size: tuple[int, int]) -> None
     if small:
         f, o = min(small, key=lambda x: x[1][0] * x[1][1])
         console.warn(
-            f"{len(small)} image(s) are smaller than dataset.image_size {h}x{w} and were enlarged "
+            f"{len(small)} image(s) are smaller than {target_name} {h}x{w} and were enlarged "
             f"(smallest: {f}, {o[0]}x{o[1]})"
         )
     target = w / h
     squashed = [(f, o) for _, f, o in names if abs((o[1] / o[0]) / target - 1) > 0.05]
     if squashed:
         f, o = squashed[0]
+        hint = (
+            '; dataset.resize = "short-side" keeps the aspect ratio' if resize == "stretch" else ""
+        )
         console.warn(
-            f"{len(squashed)} image(s) have another aspect ratio than dataset.image_size {h}x{w} "
-            f"and were squashed to it (e.g. {f}, {o[0]}x{o[1]})"
+            f"{len(squashed)} image(s) have another aspect ratio than {target_name} {h}x{w} "
+            f"and were squashed to it (e.g. {f}, {o[0]}x{o[1]} -> {h}x{w}){hint}"
         )
 
 
@@ -267,15 +320,19 @@ def run(
     out = output_file(out if out is not None else workspace.prepared_path(prof))
     listing = list_dataset(ds, data_root)
     samples = assign_splits(listing, ds, ds.layout)
-    reader = _Reader(ds)
+    size = _prepared_size(samples, ds)
+    reader = _Reader(ds, size)
     splits: dict[str, PreparedSplit] = {}
     empty_masks: list[str] = []
     with console.progress() as bar:
         task = bar.add_task("reading images", total=sum(len(v) for v in samples.values()))
         for name in SPLITS:
             bar.update(task, description=f"reading {name}")
-            splits[name], empty = _read_split(samples[name], reader, bar, task)
+            splits[name], empty = _read_split(
+                samples[name], reader, bar, task, original_masks=name == "test"
+            )
             empty_masks += empty
+    intensity = _normalise_splits(splits, ds.intensity)
 
     test = splits["test"]
     counts = {
@@ -293,7 +350,9 @@ def run(
         "layout": ds.layout,
         "source": ds.root,
         "category": ds.category,
-        "image_size": list(ds.image_size),
+        "image_size": list(size),
+        "resize": ds.resize,
+        **intensity,
         "color": ds.color,
         "channels": ds.channels,
         "dataset": profiles.to_dict(prof)["dataset"],
@@ -302,7 +361,7 @@ def run(
     write_prepared(out, splits, attrs)
     profile_path = out.with_name(f"{out.stem}.profile.toml")
     write_text_atomic(profile_path, profiles.to_toml(prof))
-    _warn_sizes(splits, tuple(ds.image_size))
+    _warn_sizes(splits, size, ds.resize)
     if empty_masks:
         console.warn(
             f"{len(empty_masks)} defective image(s) have an all-zero mask and stay labelled defective: "
@@ -315,7 +374,7 @@ def run(
         "profile_file": str(profile_path),
         "layout": ds.layout,
         "source": ds.root,
-        "image_size": list(ds.image_size),
+        "image_size": list(size),
         "color": ds.color,
         "splits": counts,
         "defect_types": defect_types,

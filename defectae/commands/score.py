@@ -4,11 +4,18 @@ Inputs: residuals.h5 (written by tile-test; --residuals or RUN/residuals.h5), th
 the prepared.h5 it was made from, or a ground-truth folder in MVTec layout (--gt DIR:
 DIR/TYPE/NAME_mask.png; good images have none). Outputs in RUN/score/ (or --out):
 metrics.json, roc.png, pr.png, pro.png, panels/, index.html and profile.toml.
+
+Resolution (--resolution, else score.resolution): "original" upsamples each map bilinearly
+to its image's size before prepare and compares it with the mask at that size (from
+prepared.h5, or --gt read without resizing), as the MVTec AD evaluation does; "prepared"
+compares maps and nearest-resized masks on the prepared grid. Image scores, the label-free
+threshold (from validation maps), panels and the Rádli protocol stay on the prepared grid.
 """
 
 from __future__ import annotations
 
 import os
+import typing
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -19,15 +26,24 @@ from rich.table import Table
 
 from defectae import __version__, console, profiles, report, workspace
 from defectae.core import metrics
+from defectae.core.ragged import Ragged
+from defectae.core.residuals import upsample_maps
 from defectae.data.images import read_mask, resize_mask
 from defectae.errors import DefectaeError
 from defectae.files import output_dir, sha256_file
 from defectae.profiles import Profile, ScoreConfig, to_dict
 from defectae.profiles.load import PROFILE_FILE
 from defectae.stores.checkpoint import require_trained
-from defectae.stores.prepared import file_attr_json, open_prepared, read_strings
+from defectae.stores.prepared import (
+    file_attr_json,
+    open_prepared,
+    read_original_masks,
+    read_strings,
+)
 from defectae.stores.residuals import Residuals, open_residuals, read_residuals
 from defectae.stores.scores import write_metrics
+
+RESOLUTIONS = typing.get_args(typing.get_type_hints(ScoreConfig)["resolution"])
 
 
 def run(
@@ -38,12 +54,18 @@ def run(
     protocol: str,
     out: Path | None,
     allow_unfinished: bool = False,
+    resolution: str | None = None,
 ) -> dict[str, Any]:
-    """Score a run's residual maps; write metrics.json, figures and index.html; return the summary."""
+    """Score a run's residual maps; write metrics.json, figures and index.html; return the summary.
+
+    `resolution` ("original" or "prepared") overrides the profile's score.resolution.
+    """
     if protocol not in metrics.PROTOCOLS:
         raise DefectaeError(
             f"--protocol: '{protocol}' is not one of {', '.join(metrics.PROTOCOLS)}"
         )
+    if resolution is not None and resolution not in RESOLUTIONS:
+        raise DefectaeError(f"--resolution: '{resolution}' is not one of {', '.join(RESOLUTIONS)}")
     run_dir, residuals_path = _locate(profile, run, residuals)
     if profile is None:
         profile = _profile_near(run_dir, residuals_path)
@@ -59,10 +81,14 @@ def run(
     prepared = _prepared_path(res, profile, required=gt is None)
     if prepared is not None:
         _check_prepared(res, prepared)
-    if gt is not None:
-        masks, truth = masks_from_folder(gt, res), str(gt)
+    found = read_folder_masks(gt, res) if gt is not None else None
+    if found is not None:
+        masks, truth = masks_on_grid(found, res), str(gt)
     else:
         masks, truth = masks_from_prepared(prepared, res), f"{prepared} (test masks)"
+    px_maps, px_masks, resolution_json = _pixel_inputs(
+        res, masks, resolution or cfg.resolution, gt, found, prepared
+    )
     if protocol == "radli" and _residual_kinds(res) != {"ssim"}:
         console.warn(
             "--protocol radli: its thresholds (0.01 to 1) are made for 1-SSIM residuals; these maps are not"
@@ -70,19 +96,21 @@ def run(
 
     console.info(f"scoring {len(res.names)} test images of {residuals_path}")
     results = metrics.compute_all(
-        res.maps,
-        masks,
+        px_maps,
+        px_masks,
         res.scores,
         res.labels,
         res.val_maps,
         **cfg.metric_options(),
         defect_types=res.types,
         protocol=protocol,
+        grid=(res.maps, masks),
     )
+    del px_maps, px_masks  # at the original resolution, large; the rest needs the grid only
     out_dir = output_dir(
         out or (run_dir / "score" if run_dir is not None else residuals_path.parent / "score")
     )
-    summary = _summary(res, results, cfg, protocol, truth, profile)
+    summary = _summary(res, results, cfg, protocol, resolution_json, truth, profile)
     summary["figures"] = report.write_curves(out_dir, results, cfg.pro_max_fpr)
     entries, note = _write_panels(out_dir, res, masks, prepared, results, cfg)
     metrics_json = out_dir / "metrics.json"
@@ -215,22 +243,100 @@ def masks_from_prepared(prepared: Path, res: Residuals) -> np.ndarray:
         return masks[()][rows, 0] > 0
 
 
-def masks_from_folder(gt: Path, res: Residuals) -> np.ndarray:
-    """Masks from an MVTec ground-truth folder (DIR/TYPE/NAME_mask.png), resized nearest to the maps."""
+def read_folder_masks(gt: Path, res: Residuals) -> list[np.ndarray | None]:
+    """Masks (H, W) bool at their own size from an MVTec ground-truth folder
+    (DIR/TYPE/NAME_mask.png), in the order of the residuals; None for a good image without one."""
     if not gt.is_dir():
         raise DefectaeError(f"{gt}: ground-truth folder not found")
-    n, h, w = res.maps.shape
-    masks = np.zeros((n, h, w), bool)
-    for i, (t, name, label) in enumerate(zip(res.types, res.names, res.labels, strict=True)):
+    found: list[np.ndarray | None] = []
+    for t, name, label in zip(res.types, res.names, res.labels, strict=True):
         path = gt / t / f"{name}_mask.png"
         if not path.is_file():
             if label:
                 raise DefectaeError(
                     f"{path}: no ground-truth mask for defective test image '{t}/{name}'"
                 )
+            found.append(None)
             continue
-        masks[i] = resize_mask(read_mask(path), (h, w))
+        found.append(read_mask(path))
+    return found
+
+
+def masks_on_grid(found: list[np.ndarray | None], res: Residuals) -> np.ndarray:
+    """Folder masks resized nearest to the maps' grid: (N, H, W) bool."""
+    n, h, w = res.maps.shape
+    masks = np.zeros((n, h, w), bool)
+    for i, mask in enumerate(found):
+        if mask is not None:
+            masks[i] = resize_mask(mask, (h, w))
     return masks
+
+
+def original_masks_from_folder(
+    gt: Path, found: list[np.ndarray | None], res: Residuals
+) -> Ragged | None:
+    """Folder masks at their own size, good images without one all-zero at the size recorded
+    in residuals.h5 (orig_sizes); None when it records none."""
+    if res.orig_sizes is None:
+        return None
+    for mask, size, t, name in zip(found, res.orig_sizes, res.types, res.names, strict=True):
+        if mask is not None and mask.shape != tuple(size):
+            raise DefectaeError(
+                f"{gt / t / f'{name}_mask.png'}: mask is {mask.shape[0]}x{mask.shape[1]}, but "
+                f"test image '{t}/{name}' was {size[0]}x{size[1]} before prepare resized it"
+            )
+    out = Ragged(np.zeros(int(res.orig_sizes.prod(axis=1).sum()), bool), res.orig_sizes)
+    for i, mask in enumerate(found):
+        if mask is not None:
+            out[i][...] = mask
+    return out
+
+
+def original_masks_from_prepared(prepared: Path, res: Residuals) -> Ragged | None:
+    """Test masks at the original resolution from prepared.h5, in the order of the residuals;
+    None for a file prepared before they were stored."""
+    with open_prepared(prepared) as f:
+        return read_original_masks(f, _prepared_rows(f, res, prepared))
+
+
+def _pixel_inputs(
+    res: Residuals,
+    masks: np.ndarray,
+    resolution: str,
+    gt: Path | None,
+    found: list[np.ndarray | None] | None,
+    prepared: Path | None,
+) -> tuple[np.ndarray | Ragged, np.ndarray | Ragged, dict[str, Any]]:
+    """The maps and masks the pixel metrics use at `resolution`, and how it reads in metrics.json.
+
+    Original resolution falls back to the grid, with a warning, when the ground truth at the
+    original size is not available (a prepared.h5 written before format 2).
+    """
+    h, w = res.maps.shape[1:]
+    on_grid = {"resolution": "prepared", "pixel_sizes": {"height": [h, h], "width": [w, w]}}
+    if resolution == "prepared":
+        note = f"pixel metrics on the prepared {h}x{w} grid (masks resized nearest)"
+        return res.maps, masks, {**on_grid, "resolution_note": note}
+    if gt is not None and found is not None:
+        original = original_masks_from_folder(gt, found, res)
+        source = f"{res.path} records no orig_sizes (run tile-test again)"
+    else:
+        assert prepared is not None
+        original = original_masks_from_prepared(prepared, res)
+        source = f"{prepared} has no original-size masks (prepare again)"
+    if original is None:
+        note = (
+            f"original resolution asked, but {source}: pixel metrics on the prepared {h}x{w} grid"
+        )
+        console.warn(f"--resolution original: {source}; falling back to the prepared {h}x{w} grid")
+        return res.maps, masks, {**on_grid, "resolution_note": note}
+    note = (
+        "pixel metrics over every original pixel, each map upsampled bilinearly to its image's "
+        f"size; image scores, the label-free threshold, panels and the Rádli protocol on the "
+        f"prepared {h}x{w} grid"
+    )
+    info = {"resolution": "original", "pixel_sizes": original.size_range(), "resolution_note": note}
+    return upsample_maps(res.maps, original.sizes), original, info
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -241,6 +347,7 @@ def _summary(
     results: metrics.ScoreResults,
     cfg: ScoreConfig,
     protocol: str,
+    resolution: dict[str, Any],
     truth: str,
     profile: Profile | None,
 ) -> dict[str, Any]:
@@ -254,6 +361,7 @@ def _summary(
     summary: dict[str, Any] = {
         "profile": profile.name if profile is not None else res.attrs.get("profile", ""),
         "protocol": protocol,
+        **resolution,
         "dataset": res.attrs.get("dataset", ""),
         "category": res.attrs.get("category", ""),
         "residuals": str(res.path),
@@ -279,6 +387,7 @@ def _summary(
             "tpr": _floats(r.tpr),
             "auc": r.auc.value,
             "images": r.n_images,
+            "resolution": "prepared",
         }
     return summary
 
@@ -353,7 +462,8 @@ def metrics_table(summary: dict[str, Any]) -> Table:
     """The metrics as a rich table: one row per metric, columns overall and each defect type."""
     columns = [("overall", summary)] + list(summary["per_type"].items())
     table = Table(
-        title=f"score: {summary.get('profile') or summary['residuals']} ({summary['protocol']})"
+        title=f"score: {summary.get('profile') or summary['residuals']} ({summary['protocol']})",
+        caption=f"pixel metrics at resolution: {report.format_resolution(summary)}",
     )
     table.add_column("metric", no_wrap=True)
     for name, col in columns:

@@ -23,14 +23,13 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from defectae import console, profiles, workspace
 from defectae import device as devices
 from defectae.core.inspector import Inspector, inspect_uint8
 from defectae.core.normalize import MapStatistics, normalize_maps
-from defectae.core.residuals import image_scores
+from defectae.core.residuals import image_scores, resize_map
 from defectae.core.tiling import tile_origins
 from defectae.device import amp_dtype, compile_or_eager, resolve_device
 from defectae.errors import DefectaeError
@@ -71,9 +70,7 @@ def _export_map(
     orig_hw: tuple[int, int],
 ) -> None:
     """One (1, H, W) map as a float32 TIFF at the original size: DIR/CATEGORY/test/TYPE/NAME.tiff."""
-    m = residual[None].float()  # (1, 1, H, W)
-    if tuple(m.shape[-2:]) != orig_hw:
-        m = F.interpolate(m, size=orig_hw, mode="bilinear", align_corners=False)
+    m = resize_map(residual[None], orig_hw)  # (1, 1, H, W), as score's original resolution
     with atomic_path(directory / category / "test" / defect_type / f"{name}.tiff") as tmp:
         Image.fromarray(np.ascontiguousarray(m[0, 0].numpy(), dtype=np.float32)).save(
             tmp, format="TIFF"

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -51,7 +52,9 @@ from defectae.stores.checkpoint import (
 )
 from defectae.stores.patches import PatchDataset
 from defectae.training.batch_size import find_batch_size as search_batch_size
+from defectae.training.clock import duration
 from defectae.training.loop import Run, fit
+from defectae.training.range_check import check_range
 from defectae.training.state import TrainState
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
@@ -65,6 +68,7 @@ FREE_ON_RESUME = (
     "train.n_log_images",
     "train.histograms",
     "train.find_batch_max",
+    "train.max_minutes",  # a budget per call: a resumed run gets a new one
 )
 
 
@@ -78,12 +82,18 @@ def run(
     write_batch_size: bool = False,
     sets: Sequence[str] = (),
     root: str | None = None,
+    max_minutes: float | None = None,
 ) -> dict[str, Any]:
     """Train a model on patches.h5 into a new run folder (or continue one with `resume`).
 
     `sets` and `root` (--set, --root) are read only with `resume` and no `profile`: they apply
     to the run's own profile (otherwise the CLI has resolved them into `profile`).
+    `max_minutes` (--max-minutes) sets train.max_minutes, the time budget of this call.
     """
+    if max_minutes is not None and not (math.isfinite(max_minutes) and max_minutes >= 0):
+        raise DefectaeError(
+            f"--max-minutes {max_minutes:g}: expected a number of minutes >= 0 (0 = no limit)"
+        )
     amp = _choice("--amp", amp, AMP_MODES)
     compile_model = _choice("--compile", compile_model, COMPILE_MODES)
     if write_batch_size and not find_batch_size:
@@ -103,6 +113,9 @@ def run(
     else:
         profile = _effective(profile, amp, compile_model)
         patches = Path(patches or workspace.patches_path(profile))
+    if max_minutes is not None:
+        budget = dataclasses.replace(profile.train, max_minutes=float(max_minutes))
+        profile = dataclasses.replace(profile, train=budget)
     cfg = profile.train
     num_train = _check_patches(patches, profile)
     rank, world, dev = _init_distributed(devices.resolve_device(cfg.device))
@@ -174,6 +187,10 @@ def _train(
                 f"{cfg.epochs}, on the learning-rate schedule over {cfg.epochs} epochs"
             )
     val, rate = fit(job, state, save_first=record)
+    # on rank 0, its sub-batch; warns when reconstructions miss the inputs' intensity range
+    checked = (
+        check_range(state.model, patches, cfg.batch_size // world, dev, dtype) if job.main else {}
+    )
     summary = {
         "run_dir": str(run_dir),
         "tensorboard": f"tensorboard --logdir {run_dir / 'tensorboard'}",
@@ -192,6 +209,8 @@ def _train(
         "compiled": state.compiled,
         "val": val,
         "patches_per_s": rate,
+        **checked,  # recon_range, uniform_mae, uniform_patches
+        "time": state.timing[-1],  # this call: estimate_s, elapsed_s, step_ms, max_minutes
     }
     if job.main:
         _show(profile.name, summary)
@@ -209,6 +228,7 @@ def _show(name: str, summary: dict[str, Any]) -> None:
         ("best epoch", summary["best_epoch"]),
         ("best validation loss", f"{summary['best_val']:.6g}"),
         ("status", summary["status"]),
+        ("time", _time(summary["time"])),
     ):
         table.add_row(key, str(value))
     if (before := summary["epochs_total_before"]) is not None:
@@ -217,6 +237,14 @@ def _show(name: str, summary: dict[str, Any]) -> None:
             "epochs total", f"{total} (was {before}; the learning-rate schedule spans {total})"
         )
     console.show(table)
+
+
+def _time(timing: dict[str, Any]) -> str:
+    """This call's training time, with the warm-up's estimate of it."""
+    took = duration(timing["elapsed_s"])
+    if timing["estimate_s"] is None:
+        return took
+    return f"{took} (estimated {duration(timing['estimate_s'])})"
 
 
 def _choice(flag: str, value: str | None, choices: tuple[str, ...]) -> str | None:

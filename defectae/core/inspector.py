@@ -17,14 +17,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from defectae.core.normalize import normalize_maps
-from defectae.core.residuals import DEFAULT_RESIDUAL, image_scores, residual_map, residual_weights
+from defectae.core.residuals import (
+    DEFAULT_RESIDUAL,
+    image_scores,
+    residual_map,
+    residual_reach,
+    residual_weights,
+)
 from defectae.core.tiling import extract_patches, fuse_patches, fusion_window, tile_origins
+from defectae.errors import DefectaeError
 
 
 class Inspector(nn.Module):
     """image (B, C, H, W) in [0, 1] -> (residual (B, 1, H, W), score (B,), recon (B, C, H, W)).
 
-    Tiles are fused with `fusion` weights (core.tiling.fusion_window). `normalization`, the
+    Tiles are fused with `fusion` weights (core.tiling.fusion_window). The image is first
+    reflect-padded by `border_pad` pixels (-1: half a patch plus the residual's reach), so that
+    its border lies inside tiles rather than on their edges, where a model reconstructs worst,
+    and the residual's filters see neighbours there; the maps are cropped back to H x W. `normalization`, the
     (mean, std) of good validation maps (scalars or (H, W) maps), turns the residual into a
     z-score before the image score, so an export scores exactly as tile-test does.
 
@@ -44,6 +54,7 @@ class Inspector(nn.Module):
         whole_image: bool = False,
         batch_size: int = 0,
         fusion: str = "uniform",
+        border_pad: int = 0,
         residual_options: Mapping[str, Any] | None = None,
         score_options: Mapping[str, Any] | None = None,
         normalization: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -64,6 +75,10 @@ class Inspector(nn.Module):
         self.stride = stride
         self.whole_image = whole_image
         self.batch_size = batch_size
+        self.auto_pad = border_pad < 0
+        if self.auto_pad:
+            border_pad = patch_size // 2 + residual_reach(**self.residual_options)
+        self.border_pad = 0 if whole_image else border_pad
 
     def normalize_with(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """From now on, return maps as z-scores of these good-image statistics (core.normalize)."""
@@ -89,10 +104,23 @@ class Inspector(nn.Module):
                 recon = F.interpolate(
                     self.reconstruct(small), size=(h, w), mode="bilinear", align_corners=False
                 )
+            residual = residual_map(x, recon, **self.residual_options)
         else:
-            patches = extract_patches(x, size, self.stride)  # (B * N, C, size, size)
-            recon = fuse_patches(self.reconstruct(patches), (h, w), size, self.stride, self.window)
-        residual = residual_map(x, recon, **self.residual_options)
+            pad = min(self.border_pad, min(h, w) - 1) if self.auto_pad else self.border_pad
+            if pad >= min(h, w):
+                raise DefectaeError(
+                    f"tile.border_pad {pad}: must be smaller than the image side {min(h, w)}"
+                )
+            xp = F.pad(x, (pad, pad, pad, pad), mode="reflect") if pad > 0 else x
+            hp, wp = h + 2 * pad, w + 2 * pad
+            patches = extract_patches(xp, size, self.stride)  # (B * N, C, size, size)
+            recon = fuse_patches(
+                self.reconstruct(patches), (hp, wp), size, self.stride, self.window
+            )
+            residual = residual_map(xp, recon, **self.residual_options)
+            if pad > 0:
+                residual = residual[:, :, pad : pad + h, pad : pad + w]
+                recon = recon[:, :, pad : pad + h, pad : pad + w]
         if self.norm_mean is not None and self.norm_std is not None:
             residual = normalize_maps(residual, self.norm_mean, self.norm_std)
         return residual, image_scores(residual, **self.score_options), recon

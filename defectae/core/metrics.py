@@ -19,6 +19,10 @@ time); other scores by one sort of 64-bit keys packing the float32 score with th
 index (an argsort for float64 scores). Tied scores form one threshold. Per defect type
 (`PixelRanking`), float16 maps are histogrammed again (cheap) and sorted ones filtered,
 never sorted again.
+
+Resolution: pixel metrics take maps and masks either on one grid (N, H, W) or ragged
+(`Ragged`: each image at its own size, e.g. upsampled to the original resolution, as the
+MVTec AD evaluation scores them); every pixel then counts once, whatever its image's size.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+
+from defectae.core.ragged import Ragged
 
 PROTOCOLS = ("mvtec", "radli")
 
@@ -215,6 +221,10 @@ def exact_float16(values: np.ndarray) -> np.ndarray | None:
     return half if np.array_equal(half.astype(values.dtype), values) else None
 
 
+def _flat(values: np.ndarray | Ragged) -> np.ndarray:
+    return values.flat if isinstance(values, Ragged) else np.asarray(values).ravel()
+
+
 def _counts(scores: np.ndarray, payload: np.ndarray, inv_size: np.ndarray | None):
     scores = np.asarray(scores).ravel()
     payload = np.asarray(payload).ravel()
@@ -241,27 +251,50 @@ def rank_curve(scores: np.ndarray, labels: np.ndarray) -> Curve:
 class Regions:
     """Ground-truth regions: 8-connected components of each mask, numbered across images."""
 
-    ids: np.ndarray  # (N, H, W) int32, 0 outside regions
+    ids: np.ndarray  # (N, H, W) int32, 0 outside regions; (P,) for ragged masks
     inv_size: np.ndarray  # (R + 1,) float64, 1 / region size, 0 for id 0
     per_image: np.ndarray  # (N,) int64 regions in each image
 
 
-def label_regions(masks: np.ndarray) -> Regions:
+def _regions(ids: np.ndarray, n: int, masks: np.ndarray, per_image: np.ndarray) -> Regions:
+    sizes = np.bincount(ids[masks], minlength=n + 1).astype(np.float64)
+    inv_size = np.divide(1.0, sizes, out=np.zeros_like(sizes), where=sizes > 0)
+    return Regions(ids, inv_size, per_image)
+
+
+def _label_ragged(masks: Ragged) -> Regions:
+    """Label each image of a ragged mask set on its own, ids numbered on across images."""
+    flat = masks.flat.astype(bool, copy=False)
+    ids = np.zeros(flat.size, np.int32)
+    per_image = np.zeros(len(masks), np.int64)
+    offsets, eight = masks.offsets, np.ones((3, 3), bool)
+    n = 0
+    for i, (h, w) in enumerate(masks.sizes.tolist()):
+        mask = flat[offsets[i] : offsets[i + 1]].reshape(h, w)
+        if not mask.any():
+            continue
+        labelled, count = ndimage.label(mask, structure=eight)
+        ids[offsets[i] : offsets[i + 1]] = np.where(labelled > 0, labelled + n, 0).ravel()
+        per_image[i], n = count, n + count
+    return _regions(ids, n, flat, per_image)
+
+
+def label_regions(masks: np.ndarray | Ragged) -> Regions:
     """Label 8-connected regions per image (N, H, W) in one pass; ids never span two images."""
+    if isinstance(masks, Ragged):
+        return _label_ragged(masks)
     masks = np.asarray(masks, dtype=bool)
     structure = np.zeros((3, 3, 3), dtype=bool)
     structure[1] = True  # 3x3 ones within an image, nothing across images
     ids, n = ndimage.label(masks, structure=structure)
     ids = ids.astype(np.int32, copy=False)
-    sizes = np.bincount(ids[masks], minlength=n + 1).astype(np.float64)
-    inv_size = np.divide(1.0, sizes, out=np.zeros_like(sizes), where=sizes > 0)
     last = (
         np.maximum.accumulate(ids.reshape(len(ids), -1).max(axis=1, initial=0))
         if len(ids)
         else np.zeros(0, int)
     )
     per_image = np.diff(np.concatenate([[0], last])).astype(np.int64)
-    return Regions(ids, inv_size, per_image)
+    return _regions(ids, n, masks, per_image)
 
 
 def _pixel_curve(counts, n_regions: int) -> Curve:
@@ -270,32 +303,52 @@ def _pixel_curve(counts, n_regions: int) -> Curve:
     return Curve(thresholds, tp, fp, int(tp[-1]), int(fp[-1]), pro, n_regions, unit="pixels")
 
 
-def pixel_curve(maps: np.ndarray, regions: Regions) -> Curve:
+def pixel_curve(maps: np.ndarray | Ragged, regions: Regions) -> Curve:
     """The pixel ranking curve with the PRO (per-region overlap) at every threshold."""
-    return _pixel_curve(_counts(maps, regions.ids, regions.inv_size), int(regions.per_image.sum()))
+    return _pixel_curve(
+        _counts(_flat(maps), regions.ids, regions.inv_size), int(regions.per_image.sum())
+    )
+
+
+def _pixels_per_image(maps: np.ndarray | Ragged, masks: np.ndarray | Ragged) -> np.ndarray:
+    """(N,) pixels of each image, after checking that maps and masks have the same shapes."""
+    if isinstance(maps, Ragged) or isinstance(masks, Ragged):
+        if not (isinstance(maps, Ragged) and isinstance(masks, Ragged)):
+            raise ValueError("maps and masks must both be ragged or both (N, H, W) arrays")
+        if not np.array_equal(maps.sizes, masks.sizes):
+            raise ValueError("ragged maps and masks differ in image sizes")
+        return maps.pixels
+    if np.shape(maps) != np.shape(masks):
+        raise ValueError(f"maps {np.shape(maps)} and masks {np.shape(masks)} differ in shape")
+    return np.full(len(maps), int(np.prod(np.shape(maps)[1:])), np.int64)
 
 
 class PixelRanking:
     """Pixel scores of N maps, regions labelled and scores sorted (when needed) once, so that
-    any subset of images gets its curve cheaply."""
+    any subset of images gets its curve cheaply. Maps and masks are (N, H, W), or both ragged."""
 
-    def __init__(self, maps: np.ndarray, masks: np.ndarray):
+    def __init__(self, maps: np.ndarray | Ragged, masks: np.ndarray | Ragged):
+        self.pixels = _pixels_per_image(maps, masks)
         self.regions = label_regions(masks)
-        self.half = exact_float16(np.asarray(maps))
+        self.ids = self.regions.ids.reshape(-1)  # (P,)
+        scores = _flat(maps)
+        self.half = exact_float16(scores)
         if self.half is None:  # one global sort; subsets filter it
-            self.ranked, order = _sort_desc(maps)
-            self.region = self.regions.ids.ravel()[order]
-            self.image = (order // int(np.prod(maps.shape[1:]))).astype(np.int32)
+            self.ranked, order = _sort_desc(scores)
+            self.region = self.ids[order]
+            image = np.repeat(np.arange(len(self.pixels), dtype=np.int32), self.pixels)
+            self.image = image[order]
 
     def curve(self, images: np.ndarray | None = None) -> Curve:
         """The pixel curve of all images, or of those selected by a boolean mask (N,)."""
         r = self.regions
         n_regions = int(r.per_image.sum() if images is None else r.per_image[images].sum())
         if self.half is not None:
-            half, ids = (self.half, r.ids) if images is None else (self.half[images], r.ids[images])
-            return _pixel_curve(
-                _counts_by_histogram(half.ravel(), ids.ravel(), r.inv_size), n_regions
-            )
+            half, ids = self.half, self.ids
+            if images is not None:
+                keep = np.repeat(images, self.pixels)  # (P,)
+                half, ids = half[keep], ids[keep]
+            return _pixel_curve(_counts_by_histogram(half, ids, r.inv_size), n_regions)
         ranked, region = self.ranked, self.region
         if images is not None:
             keep = images[self.image]
@@ -570,8 +623,8 @@ def metric_set(image: Curve, pixel: Curve, threshold: Metric, pro_max_fpr: float
 
 
 def compute_all(
-    maps: np.ndarray,
-    masks: np.ndarray,
+    maps: np.ndarray | Ragged,
+    masks: np.ndarray | Ragged,
     image_scores: np.ndarray,
     labels: np.ndarray,
     val_maps: np.ndarray | None,
@@ -582,19 +635,29 @@ def compute_all(
     pro_max_fpr: float = 0.3,
     defect_types: Sequence[str] | None = None,
     protocol: str = "mvtec",
+    grid: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> ScoreResults:
     """Every metric for test maps (N, H, W), masks (N, H, W), image scores and labels (N,).
 
     Per defect type, the type's images are scored together with all good images (as in
     MVTec AD); the label-free threshold comes from `val_maps` (M, H, W) and is shared.
     Maps are best passed as stored (float16): their pixels are then ranked without sorting.
+    Maps and masks may instead both be ragged (each image at its own size); the Rádli
+    protocol, defined on one grid, then takes its (maps, masks) (N, H, W) from `grid`.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}")
     labels = np.asarray(labels).astype(bool)
     scores = np.asarray(image_scores, dtype=np.float64)
-    masks = np.asarray(masks, dtype=bool)
+    if isinstance(masks, Ragged):
+        masks = Ragged(masks.flat.astype(bool, copy=False), masks.sizes)
+    else:
+        masks = np.asarray(masks, dtype=bool)
     ranking = PixelRanking(maps, masks)
+    if grid is None and protocol == "radli":
+        if isinstance(maps, Ragged):
+            raise ValueError("the Rádli protocol needs maps and masks on one grid: pass `grid`")
+        grid = (maps, masks)
     per_image_regions = ranking.regions.per_image
     pixel_threshold = label_free_threshold(
         val_maps, threshold=threshold, quantile=quantile, target_fpr=target_fpr
@@ -605,7 +668,9 @@ def compute_all(
         else ["defect" if x else "good" for x in labels]
     )
 
-    rates = radli_rates(np.asarray(maps)[labels], masks[labels]) if protocol == "radli" else None
+    rates = None
+    if grid is not None and protocol == "radli":
+        rates = radli_rates(np.asarray(grid[0])[labels], np.asarray(grid[1], dtype=bool)[labels])
     defective_row = np.cumsum(labels) - 1  # row of each defective image in `rates`
 
     def evaluate(sel: np.ndarray | None) -> tuple[MetricSet, Curve, Curve, RadliCurve | None]:

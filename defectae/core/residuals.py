@@ -16,9 +16,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from defectae.core.ragged import Ragged
 from defectae.core.ssim import gaussian_kernel1d, separable_filter, ssim_map
 from defectae.errors import DefectaeError
 
@@ -127,11 +129,36 @@ def residual_map(
     return smooth(total, smooth_sigma) if smooth_sigma > 0 else total
 
 
+def residual_reach(
+    residual: Mapping[str, float] = DEFAULT_RESIDUAL,
+    ssim_window: int = 11,
+    smooth_sigma: float = 0.0,
+    **_: object,
+) -> int:
+    """How many pixels away a map value still depends on the image: the SSIM window's radius
+    (x4 for the coarsest MS-SSIM scale) plus two smoothing sigmas. Takes residual_map's kwargs."""
+    weights = residual_weights(residual)
+    radius = ssim_window // 2
+    reach = 4 * radius if "msssim" in weights else radius if "ssim" in weights else 0
+    return reach + math.ceil(2.0 * smooth_sigma)
+
+
+SCORES = ("max", "topk", "area")
+
+
 def image_scores(
-    maps: torch.Tensor, *, score: str = "max", topk_percent: float = 1.0, margin: int = 0
+    maps: torch.Tensor,
+    *,
+    score: str = "max",
+    topk_percent: float = 1.0,
+    area_threshold: float = 3.0,
+    margin: int = 0,
 ) -> torch.Tensor:
-    """Anomaly score per image, (B, 1, H, W) -> (B,): the map's maximum, or the mean of its top k%,
-    over the map without a frame of `margin` pixels (the border, where reconstructions are worst)."""
+    """Anomaly score per image, (B, 1, H, W) -> (B,): the map's maximum ("max"), the mean of its
+    top k% ("topk"), or the share of pixels above `area_threshold` ("area", e.g. z > 3 on
+    normalised maps), over the map without a frame of `margin` pixels."""
+    if score not in SCORES:
+        raise DefectaeError(f"tile.score '{score}': expected one of {', '.join(SCORES)}")
     if margin > 0:
         h, w = int(maps.shape[2]), int(maps.shape[3])
         if 2 * margin >= min(h, w):
@@ -142,5 +169,30 @@ def image_scores(
     flat = maps.flatten(1)  # (B, H * W)
     if score == "max":
         return flat.amax(1)
+    if score == "area":
+        return (flat > area_threshold).float().mean(1)
     k = max(1, math.ceil(int(flat.shape[1]) * topk_percent / 100.0))
     return flat.topk(k, dim=1).values.mean(1)
+
+
+def resize_map(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Maps (B, 1, H, W) resized bilinearly (align_corners=False) to `size` = (H, W), as float32:
+    the one way a map goes back to its image's original resolution."""
+    maps = maps.float()
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def upsample_maps(maps: np.ndarray, sizes: np.ndarray) -> Ragged:
+    """Each map of (N, H, W) resized to its image's original (H, W) in `sizes` (N, 2), packed
+    flat as float32, for pixel metrics over every original pixel (MVTec AD protocol)."""
+    sizes = np.asarray(sizes, np.int64).reshape(-1, 2)
+    if len(sizes) != len(maps):
+        raise ValueError(f"{len(maps)} maps but {len(sizes)} sizes")
+    out = Ragged(np.empty(int(sizes.prod(axis=1).sum()), np.float32), sizes)
+    with torch.no_grad():
+        for i, (h, w) in enumerate(sizes.tolist()):
+            m = torch.from_numpy(np.asarray(maps[i], np.float32))[None, None]  # (1, 1, H, W)
+            out[i][...] = resize_map(m, (h, w))[0, 0].numpy()
+    return out

@@ -116,7 +116,7 @@ def fusion_window(
     size: int, fusion: str = "gaussian", device: torch.device | None = None
 ) -> torch.Tensor:
     """The (size, size) weight of each tile pixel in the fusion: 1 everywhere ("uniform"), or a
-    Gaussian of sigma size/4 around the tile centre ("gaussian", as MONAI's sliding-window
+    Gaussian of sigma size/8 around the tile centre ("gaussian", as MONAI's sliding-window
     inference), so that a model's patch-edge errors count less where a more central tile
     covers the same pixel. Border pixels covered by edge tiles only still get their value."""
     if fusion == "uniform":
@@ -124,7 +124,7 @@ def fusion_window(
     if fusion != "gaussian":
         raise DefectaeError(f"tile.fusion '{fusion}': expected one of {', '.join(FUSIONS)}")
     centre = (size - 1) / 2.0
-    axis = torch.exp(-0.5 * ((torch.arange(size, device=device) - centre) / (size / 4.0)) ** 2)
+    axis = torch.exp(-0.5 * ((torch.arange(size, device=device) - centre) / (size / 8.0)) ** 2)
     return axis[:, None] * axis[None, :]
 
 

@@ -81,21 +81,53 @@ def fitting_angle(h: int, w: int, size: int, angle_deg: float) -> float:
     return lo
 
 
-def random_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """A size x size crop at a uniform random position of a (C, H, W) image."""
+def origin_draws(n: int, size: int, sampling: str) -> range:
+    """The equally likely draws for a crop's origin on an axis of n pixels; `crop_origin` maps them.
+
+    "uniform-origin" draws the origin itself from [0, n - size]: pixel i is covered by
+    min(i + 1, size, n - i, n - size + 1) draws, a corner pixel by 1, the centre by up to size.
+    "even" draws the origins of all n + size - 1 windows that overlap the axis, [-(size - 1),
+    n - 1], and clamps them inside. Proof of its coverage: each pixel lies in exactly `size`
+    drawn windows; clamping moves a window that sticks out inwards, keeping every image pixel
+    it held, so no pixel loses coverage, and pixel i < size gains the i left windows that end
+    before it (pixel i >= n - size the n - 1 - i right ones). So every pixel is covered by
+    size + [i < size] * i + [i >= n - size] * (n - 1 - i) draws: none by fewer than size (the
+    corners by exactly size when n > size), none by more than 2 * size - 1 when n >= 2 * size.
+    Exactly equal coverage by crops inside the image exists only as a fixed tiling (when size
+    divides n); this is even within a factor of 2 (of 3 when n < 2 * size, where every crop
+    covers the middle of the axis).
+    """
+    return range(-(size - 1), n) if sampling == "even" else range(0, n - size + 1)
+
+
+def crop_origin(draw: int, n: int, size: int) -> int:
+    """A drawn origin clamped so that the crop lies inside the axis."""
+    return min(max(draw, 0), n - size)
+
+
+def random_crop(
+    image: np.ndarray, size: int, rng: np.random.Generator, sampling: str = "even"
+) -> np.ndarray:
+    """A size x size crop of a (C, H, W) image, placed per axis as `origin_draws` describes."""
     _, h, w = image.shape
-    y = int(rng.integers(0, h - size + 1))
-    x = int(rng.integers(0, w - size + 1))
+    rows, cols = origin_draws(h, size, sampling), origin_draws(w, size, sampling)
+    y = crop_origin(int(rng.integers(rows.start, rows.stop)), h, size)
+    x = crop_origin(int(rng.integers(cols.start, cols.stop)), w, size)
     return image[:, y : y + size, x : x + size]
 
 
 def rotated_crop(
-    image: np.ndarray, size: int, angle_deg: float, rng: np.random.Generator
+    image: np.ndarray,
+    size: int,
+    angle_deg: float,
+    rng: np.random.Generator,
+    sampling: str = "even",
 ) -> np.ndarray:
     """A size x size crop of the image rotated by `angle_deg`, taken inside the largest inscribed rectangle.
 
     Equivalent to rotating the whole image about its centre and cropping at a random position
     of the inscribed rectangle, but only the patch's pixels are interpolated (bilinear).
+    The position follows `origin_draws` in continuous form, within the inscribed rectangle.
     A positive angle turns the content clockwise on screen (rows grow downwards).
     Returns float32 (C, size, size) in [0, 255].
     """
@@ -103,8 +135,8 @@ def rotated_crop(
     angle = math.radians(fitting_angle(h, w, size, angle_deg))
     rw, rh = inscribed_rect(w - 1, h - 1, angle)
     # Offset of the patch centre from the image centre, inside the inscribed rectangle.
-    ux = rng.uniform(-1.0, 1.0) * max(0.0, (rw - (size - 1)) / 2)
-    uy = rng.uniform(-1.0, 1.0) * max(0.0, (rh - (size - 1)) / 2)
+    ux = _centre_offset(rw, size, rng, sampling)
+    uy = _centre_offset(rh, size, rng, sampling)
     offsets = np.arange(size, dtype=np.float64) - (size - 1) / 2
     dx = offsets[None, :] + ux  # (1, size): columns of the rotated frame
     dy = offsets[:, None] + uy  # (size, 1): rows of the rotated frame
@@ -112,6 +144,13 @@ def rotated_crop(
     sx = (w - 1) / 2 + cos_a * dx + sin_a * dy  # (size, size) source columns
     sy = (h - 1) / 2 - sin_a * dx + cos_a * dy  # (size, size) source rows
     return bilinear(image, sy, sx)
+
+
+def _centre_offset(span: float, size: int, rng: np.random.Generator, sampling: str) -> float:
+    # The patch centre may move +-room; "even" draws over +-(room + size - 1) and clamps.
+    room = max(0.0, (span - (size - 1)) / 2)
+    reach = room + (size - 1) if sampling == "even" else room
+    return min(max(rng.uniform(-1.0, 1.0) * reach, -room), room)
 
 
 def bilinear(image: np.ndarray, sy: np.ndarray, sx: np.ndarray) -> np.ndarray:
@@ -169,12 +208,16 @@ def to_uint8(patch: np.ndarray) -> np.ndarray:
 
 
 def sample_patch(
-    image: np.ndarray, size: int, cfg: AugmentConfig | None, rng: np.random.Generator
+    image: np.ndarray,
+    size: int,
+    cfg: AugmentConfig | None,
+    rng: np.random.Generator,
+    sampling: str = "even",
 ) -> np.ndarray:
     """One (C, size, size) uint8 patch of a (C, H, W) uint8 image; `cfg=None` means crop only.
 
-    With `cfg.whole_image` the patch is the whole image (no crop, no rotation); flips,
-    jitter and noise still apply.
+    `sampling` places the crop (`origin_draws`). With `cfg.whole_image` the patch is the whole
+    image (no crop, no rotation); flips, jitter and noise still apply.
     """
     whole = cfg is not None and cfg.whole_image
     # Draw every decision up front so each uses the same random numbers whatever is enabled.
@@ -184,9 +227,9 @@ def sample_patch(
         patch = image
     elif rotate:
         angle = rng.uniform(-cfg.max_angle, cfg.max_angle)
-        patch = rotated_crop(image, size, angle, rng)
+        patch = rotated_crop(image, size, angle, rng, sampling)
     else:
-        patch = random_crop(image, size, rng)
+        patch = random_crop(image, size, rng, sampling)
     if cfg is None:
         return np.ascontiguousarray(patch, dtype=np.uint8)
     if u[1] < cfg.hflip_prob:

@@ -96,3 +96,15 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         return mask
     img = Image.fromarray(mask.astype(np.uint8) * 255)
     return np.asarray(img.resize((w, h), Image.Resampling.NEAREST)) > 0
+
+
+def short_side_size(hw: tuple[int, int], short: int) -> tuple[int, int]:
+    """(H, W) with the short side of `hw` at `short` and the aspect ratio kept: the long side is
+    the nearest multiple of 8 (or `short` itself when nearer), so that images whose ratios differ
+    by a pixel or two still share one size."""
+    h, w = hw
+    exact = short * max(h, w) / min(h, w)
+    long = max(8, int(exact / 8 + 0.5) * 8)
+    if abs(short - exact) <= abs(long - exact) or long < short:
+        long = short
+    return (short, long) if h <= w else (long, short)

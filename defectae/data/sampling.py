@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -23,11 +24,12 @@ from defectae.data.augmentations import (
     sample_rng,
     spread_over_images,
 )
+from defectae.data.intensity_report import compare_levels, level_counts
 from defectae.errors import DefectaeError
 from defectae.files import sha256_file
 from defectae.profiles import Profile, to_dict
 from defectae.profiles.schema import AugmentConfig
-from defectae.stores.patches import chunk_rows, create_patches
+from defectae.stores.patches import chunk_rows, create_patches, write_attrs
 from defectae.stores.prepared import open_prepared
 
 BLOCK_BYTES = 32 << 20  # patches made and written per block
@@ -138,8 +140,12 @@ def make_patches(
     prepared: Path,
     out: Path,
     advance: Callable[[int], None] = lambda n: None,
-) -> None:
-    """Make the planned patches into the patch file `out` (atomic); `advance(n)` after each n."""
+) -> dict[str, Any]:
+    """Make the planned patches into the patch file `out` (atomic); `advance(n)` after each n.
+
+    Returns how the training patches' intensities compare with the training images'
+    (`compare_levels`), also stored as the file attribute "intensity".
+    """
     cfg = profile.augment
     patch_bytes = job.channels * job.size * job.size
     chunk = chunk_rows(cfg.chunk_patches, max(cfg.n_patches, 1), patch_bytes)
@@ -166,8 +172,15 @@ def make_patches(
             cfg.compression,
         ) as pf,
     ):
-        write_split(
-            f["train/images"], pf["train/patches"], job.train, cfg, cfg.seed, block, advance
+        patches = write_split(
+            f["train/images"],
+            pf["train/patches"],
+            job.train,
+            cfg,
+            cfg.seed,
+            block,
+            advance,
+            cfg.sampling,
         )
         write_split(
             f["validation/images"],
@@ -177,7 +190,11 @@ def make_patches(
             cfg.seed,
             block,
             advance,
+            cfg.sampling,
         )
+        report = compare_levels(patches, image_levels(f["train/images"]))
+        write_attrs(pf, {"intensity": report})
+    return report
 
 
 def write_split(
@@ -188,9 +205,14 @@ def write_split(
     seed: int,
     block: int,
     advance: Callable[[int], None],
-) -> None:
-    """Make the planned patches block by block; each source image is read once per block."""
+    sampling: str = "even",
+) -> np.ndarray:
+    """Make the planned patches block by block; each source image is read once per block.
+
+    Returns the `level_counts` of all the patches written.
+    """
     _, c, size, _ = out.shape
+    counts = np.zeros(256, np.int64)
     for start in range(0, len(plan), block):
         samples = plan.order[start : start + block]  # sample index of each row in this block
         sources = plan.images[samples]
@@ -201,7 +223,18 @@ def write_split(
             image = images[int(sources[rows[0]])]  # (C, H, W), one chunk read
             for row in rows:
                 buf[row] = sample_patch(
-                    image, size, cfg, sample_rng(seed, plan.split, int(samples[row]))
+                    image, size, cfg, sample_rng(seed, plan.split, int(samples[row])), sampling
                 )
             advance(len(rows))
         out[start : start + len(samples)] = buf
+        counts += level_counts(buf)
+    return counts
+
+
+def image_levels(images: h5py.Dataset) -> np.ndarray:
+    """The `level_counts` of every pixel of a (N, C, H, W) image dataset, read in blocks."""
+    counts = np.zeros(256, np.int64)
+    rows = max(1, BLOCK_BYTES // max(int(np.prod(images.shape[1:])), 1))
+    for start in range(0, len(images), rows):
+        counts += level_counts(images[start : start + rows])
+    return counts

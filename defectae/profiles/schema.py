@@ -78,6 +78,16 @@ class DatasetConfig:
     root: str = opt("", doc="dataset folder; relative paths are relative to the current directory")
     category: str = opt("", doc="MVTec category folder under root (empty = root is the category)")
     image_size: tuple[int, int] = opt((256, 256), 8, 8192, doc="[H, W] every image is resized to")
+    resize: Literal["stretch", "short-side"] = opt(
+        "stretch",
+        doc="stretch: to image_size exactly; short-side: short side to min(image_size), "
+        "aspect ratio kept (long side a multiple of 8)",
+    )
+    intensity: Literal["none", "mean", "mean-std"] = opt(
+        "none",
+        doc="per-image lighting: shift each image's mean (mean-std: and scale its std) "
+        "to the training images' average, after resizing",
+    )
     color: Literal["gray", "rgb"] = opt("gray")
     val_fraction: float = opt(
         0.1, 0.0, 0.9, doc="share of defect-free training images held out for validation"
@@ -149,6 +159,11 @@ class AugmentConfig:
     whole_image: bool = opt(
         False, doc="no cropping: a patch is the whole image (needs input_size = image size)"
     )
+    sampling: Literal["even", "uniform-origin"] = opt(
+        "even",
+        doc="crop placement: even covers border and centre pixels alike; uniform-origin "
+        "(the old default) covers a corner pixel ~input_size times less often than the centre",
+    )
     rotation_prob: float = opt(0.0, 0.0, 1.0)
     max_angle: float = opt(
         0.0, 0.0, 180.0, doc="rotate by up to +-angle, then crop the largest inscribed square"
@@ -205,6 +220,13 @@ class TrainConfig:
     n_log_images: int = opt(8, 1, 64)
     histograms: bool = opt(False, doc="weight histograms in TensorBoard")
     deterministic: bool = opt(False, doc="torch deterministic algorithms (slower)")
+    max_minutes: float = opt(
+        0.0,
+        0.0,
+        None,
+        doc="time budget of one `train` call: stop cleanly after the step that reaches it "
+        "(status time-limit, --resume continues); 0 = off",
+    )
     find_batch_max: int = opt(
         4096,
         1,
@@ -228,6 +250,12 @@ class TileConfig:
     fusion: Literal["gaussian", "uniform"] = opt(
         "gaussian", doc="weight of tile pixels when overlapping tiles are averaged"
     )
+    border_pad: int = opt(
+        -1,
+        -1,
+        None,
+        doc="reflect-pad images by this many pixels before tiling, so border pixels sit inside tiles; -1 = half a patch plus the residual filters' reach, 0 = off",
+    )
     smooth_sigma: float = opt(0.0, 0.0, 50.0, doc="Gaussian smoothing of the residual map; 0 = off")
     normalize: Literal["none", "global", "pixel"] = opt(
         "none",
@@ -236,10 +264,14 @@ class TileConfig:
     normalize_floor: float = opt(
         0.1, 0.0, 10.0, doc="pixel normalisation: std floor, as a fraction of the global std"
     )
-    score: Literal["max", "topk"] = opt(
-        "max", doc="image score: max of the map or mean of the top k%"
+    score: Literal["max", "topk", "area"] = opt(
+        "max",
+        doc="image score: max of the map, mean of its top k%, or share of pixels above area_threshold",
     )
     topk_percent: float = opt(1.0, 0.001, 100.0)
+    area_threshold: float = opt(
+        3.0, None, None, doc="score = area: map value counted as anomalous (z-score if normalised)"
+    )
     score_margin: int = opt(
         0, 0, None, doc="pixels at the image border the image score ignores (the map keeps them)"
     )
@@ -262,13 +294,19 @@ class TileConfig:
 
     def score_options(self) -> dict[str, Any]:
         """Keyword arguments of `core.residuals.image_scores`."""
-        return {"score": self.score, "topk_percent": self.topk_percent, "margin": self.score_margin}
+        return {
+            "score": self.score,
+            "topk_percent": self.topk_percent,
+            "area_threshold": self.area_threshold,
+            "margin": self.score_margin,
+        }
 
     def inspector_options(self) -> dict[str, Any]:
         """The settings that turn reconstructions into maps and scores, as the Inspector takes them."""
         return {
             "stride": self.stride,
             "fusion": self.fusion,
+            "border_pad": self.border_pad,
             "residual_options": self.residual_options(),
             "score_options": self.score_options(),
         }
@@ -284,6 +322,11 @@ class ScoreConfig:
     quantile: float = opt(0.999, 0.0, 1.0, doc="quantile of validation residuals")
     target_fpr: float = opt(0.01, 0.0, 1.0, doc="target pixel FPR on validation images")
     pro_max_fpr: float = opt(0.3, 0.0, 1.0, doc="FPR limit of AU-PRO")
+    resolution: Literal["original", "prepared"] = opt(
+        "original",
+        doc="pixel metrics at each test image's original size (maps upsampled, as the MVTec AD "
+        "evaluation) or on the prepared grid; --resolution overrides it",
+    )
     panels: bool = opt(True, doc="write a figure panel per test image")
     panel_size: int = opt(
         256, 32, 2048, doc="longest side of each image in a report panel, in pixels"

@@ -27,8 +27,9 @@ from defectae.profiles import Profile, from_dict, to_dict
 FORMAT_VERSION = 1
 TRAINED_SECTIONS = ("name", "dataset", "model", "loss", "augment", "corruption", "train")
 META_KEYS = ("version", "format_version")
-# how a run ended, as its last.pt says: "running" while it trains (and after a kill -9)
-STATUSES = ("running", "finished", "stopped_early", "nan", "interrupted")
+# how a run ended, as its last.pt says: "running" while it trains (and after a kill -9);
+# "time-limit": stopped by its time budget (train.max_minutes), a usable model
+STATUSES = ("running", "finished", "stopped_early", "nan", "interrupted", "time-limit")
 
 
 @dataclasses.dataclass
@@ -44,6 +45,7 @@ class CheckpointState:
     scaler: dict[str, Any] = dataclasses.field(default_factory=dict)
     epoch: int = 0  # completed epochs
     step: int = 0  # optimizer steps
+    epoch_step: int = 0  # steps done in epoch `epoch + 1` (a stop by the time budget, mid-epoch)
     rng: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # one per DDP rank
     best_val: float = math.inf
     best_epoch: int = 0
@@ -51,6 +53,8 @@ class CheckpointState:
     status: str = "running"  # one of STATUSES
     patches: str = ""  # the patches.h5 trained on
     data: dict[str, int] = dataclasses.field(default_factory=dict)  # seed, batch_size, world_size
+    # one per `train` call: its estimated and actual seconds, step time, budget (training.clock)
+    timing: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """The plain dict torch.save writes (the profile without its test-time sections)."""
@@ -97,13 +101,14 @@ def record_status(path: str | Path, status: str) -> None:
 
 def untrained_reason(ckpt_path: str | Path) -> str | None:
     """Why a run's checkpoint holds no trained model (stopped on a NaN loss, or no epoch
-    completed), from the run's last.pt where it has one; None for a usable run."""
+    completed and no step kept by a time-limit stop), from the run's last.pt where it has one;
+    None for a usable run."""
     ckpt_path = Path(ckpt_path)
     last = ckpt_path.with_name("last.pt")
     state = CheckpointState.from_dict(load_checkpoint(last if last.is_file() else ckpt_path))
     if state.status == "nan":
         return f"stopped on a NaN loss at epoch {state.epoch + 1}"
-    if state.epoch == 0:
+    if state.epoch == 0 and state.epoch_step == 0:
         return "never finished an epoch"
     return None
 

@@ -4,8 +4,9 @@ Layout:
     train/patches       (N, C, P, P) uint8, chunked (chunk, C, P, P), stored in shuffled order
     validation/patches  (M, C, P, P) uint8
 File attributes: format, format_version, patch_size, channels, seed, source, source_sha256,
-augment (JSON), corruption (JSON, informational), version. No timestamps anywhere, so
-the same inputs and seed give a byte-identical file.
+augment (JSON), corruption (JSON, informational), intensity (JSON: the training patches'
+luminance histogram against the training images', `defectae.data.intensity_report`), version.
+No timestamps anywhere, so the same inputs and seed give a byte-identical file.
 """
 
 from __future__ import annotations
@@ -67,10 +68,7 @@ def create_patches(
             f.attrs["patch_size"] = patch_size
             f.attrs["channels"] = channels
             f.attrs["version"] = __version__
-            for key, value in attrs.items():
-                f.attrs[key] = (
-                    json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else value
-                )
+            write_attrs(f, attrs)
             for split, n in (("train", n_train), ("validation", n_validation)):
                 group = f.create_group(split, track_order=True)
                 if n == 0:
@@ -89,6 +87,14 @@ def create_patches(
                     fillvalue=0,
                 )
             yield f
+
+
+def write_attrs(f: h5py.File, attrs: dict[str, Any]) -> None:
+    """Store `attrs` as file attributes of an open patch file, dicts and lists as JSON."""
+    for key, value in attrs.items():
+        f.attrs[key] = (
+            json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else value
+        )
 
 
 def write_patches(

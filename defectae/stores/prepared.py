@@ -4,8 +4,14 @@ Layout (each of the groups "train", "validation", "test"):
     images (N, C, H, W) uint8, masks (N, 1, H, W) uint8 in {0, 1}, labels (N,) uint8,
     defect_types (N,) str ("good" for good images), names (N,) str, files (N,) str,
     orig_sizes (N, 2) int32 (H, W before resizing).
-File attributes: format, format_version, layout, source, category, image_size, color,
-channels, dataset (JSON of the dataset profile), version.
+The "test" group (written by prepare) also holds each mask at its image's original size
+(format 2), ragged:
+    orig_masks (P,) uint8 in {0, 1}, image after image, row by row (P = sum of H * W over
+    orig_sizes), lzf-compressed; orig_mask_offsets (N + 1,) int64, where each image starts.
+Format 1 files (without them) are still read; `read_original_masks` then returns None.
+File attributes: format, format_version, layout, source, category, image_size (the stored
+H, W), resize, intensity with intensity_mean / intensity_std (its targets, when not "none"),
+color, channels, dataset (JSON of the dataset profile), version.
 """
 
 from __future__ import annotations
@@ -19,11 +25,13 @@ import h5py
 import numpy as np
 
 from defectae import __version__
+from defectae.core.ragged import Ragged
 from defectae.errors import DefectaeError
 from defectae.files import atomic_path, open_h5
 
 FORMAT = "defectae-prepared"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+OLDER_VERSIONS = (1,)  # read, without original-resolution masks
 SPLITS = ("train", "validation", "test")
 FIELDS = ("images", "masks", "labels", "defect_types", "names", "files", "orig_sizes")
 
@@ -39,6 +47,7 @@ class PreparedSplit:
     names: list[str]
     files: list[str]
     orig_sizes: np.ndarray  # (N, 2) int32
+    orig_masks: list[np.ndarray] | None = None  # (H, W) {0, 1} at orig_sizes (prepare: test)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -102,13 +111,34 @@ def write_prepared(
                     data=np.asarray(split.orig_sizes, np.int32).reshape(-1, 2),
                     track_times=False,
                 )
+                if split.orig_masks is not None:
+                    _write_original_masks(g, split)
     return path
+
+
+def _write_original_masks(g: h5py.Group, split: PreparedSplit) -> None:
+    masks = split.orig_masks or []
+    sizes = np.asarray(split.orig_sizes, np.int64).reshape(-1, 2)
+    if len(masks) != len(sizes) or any(
+        m.shape != tuple(hw) for m, hw in zip(masks, sizes.tolist(), strict=True)
+    ):
+        raise ValueError("orig_masks must have one mask per image, of its orig_sizes")
+    packed = Ragged.from_arrays(masks, np.uint8) if masks else Ragged(np.zeros(0, np.uint8), sizes)
+    total = packed.flat.size
+    g.create_dataset(
+        "orig_masks",
+        data=packed.flat,
+        chunks=(min(total, 1 << 18),) if total else None,
+        compression="lzf" if total else None,
+        track_times=False,
+    )
+    g.create_dataset("orig_mask_offsets", data=packed.offsets, track_times=False)
 
 
 def open_prepared(path: str | Path, channels: int | None = None) -> h5py.File:
     """Open a prepared file read-only after checking its format, version, groups and channels."""
     required = [f"{split}/{key}" for split in SPLITS for key in FIELDS]
-    f = open_h5(path, FORMAT, FORMAT_VERSION, "prepare", required)
+    f = open_h5(path, FORMAT, FORMAT_VERSION, "prepare", required, OLDER_VERSIONS)
     if channels is not None and int(f.attrs["channels"]) != channels:
         found = int(f.attrs["channels"])
         f.close()
@@ -129,6 +159,7 @@ def read_split(source: str | Path | h5py.File, split: str) -> PreparedSplit:
     f = open_prepared(source) if own else source
     try:
         g = f[split]
+        orig = read_original_masks(f, np.arange(len(g["names"]))) if split == "test" else None
         return PreparedSplit(
             images=g["images"][()],
             masks=g["masks"][()],
@@ -137,10 +168,29 @@ def read_split(source: str | Path | h5py.File, split: str) -> PreparedSplit:
             names=_strings(g["names"]),
             files=_strings(g["files"]),
             orig_sizes=g["orig_sizes"][()],
+            orig_masks=[orig[i] for i in range(len(orig))] if orig is not None else None,
         )
     finally:
         if own:
             f.close()
+
+
+def read_original_masks(f: h5py.File, rows: np.ndarray) -> Ragged | None:
+    """The test masks of `rows` (in that order) at their original size, {0, 1} uint8; None for
+    a file written before they were stored (format 1)."""
+    g = f["test"]
+    if "orig_masks" not in g or "orig_mask_offsets" not in g:
+        return None
+    sizes = g["orig_sizes"][()].astype(np.int64).reshape(-1, 2)
+    offsets = g["orig_mask_offsets"][()]
+    flat = g["orig_masks"]
+    expected = np.concatenate([[0], np.cumsum(sizes.prod(axis=1))])
+    if not np.array_equal(offsets, expected) or flat.shape != (int(expected[-1]),):
+        raise DefectaeError(
+            f"{f.filename}: test/orig_masks and test/orig_mask_offsets do not match "
+            "test/orig_sizes; prepare the dataset again"
+        )
+    return Ragged(flat[()].astype(np.uint8, copy=False), sizes).take(rows)
 
 
 def read_strings(f: h5py.File, key: str) -> list[str]:

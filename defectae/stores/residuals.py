@@ -119,6 +119,7 @@ class Residuals:
     labels: np.ndarray  # (N,) uint8
     val_maps: np.ndarray | None  # (M, H, W) float16
     has_recon: bool
+    orig_sizes: np.ndarray | None = None  # (N, 2) int64 (H, W) of each test image before prepare
 
 
 def open_residuals(path: str | Path) -> h5py.File:
@@ -182,7 +183,20 @@ def read_residuals(path: str | Path) -> Residuals:
             labels=f["test/labels"][()].astype(np.uint8),
             val_maps=val,
             has_recon="test/recon" in f,
+            orig_sizes=_orig_sizes(f, path, n),
         )
+
+
+def _orig_sizes(f: h5py.File, path: Path, n: int) -> np.ndarray | None:
+    if "test/orig_sizes" not in f:
+        return None
+    sizes = f["test/orig_sizes"][()].astype(np.int64)
+    if sizes.shape != (n, 2) or (sizes < 1).any():
+        raise DefectaeError(
+            f"{path}: test/orig_sizes has shape {sizes.shape} or a size below 1, "
+            f"expected ({n}, 2) heights and widths"
+        )
+    return sizes
 
 
 def read_validation_maps(path: str | Path) -> np.ndarray | None:

@@ -29,10 +29,12 @@ class TrainState:
     scaler: torch.amp.GradScaler
     epoch: int = 0  # completed epochs (the epoch in progress, inside the loop)
     step: int = 0  # optimizer steps
+    epoch_step: int = 0  # steps done in epoch `epoch + 1` when a time-limit stop saved mid-epoch
     best_val: float = math.inf
     best_epoch: int = 0
     bad_epochs: int = 0  # epochs since the best
     status: str = "running"  # how the run ended: one of checkpoint.STATUSES
+    timing: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # one per `train` call
 
     @classmethod
     def build(
@@ -77,6 +79,7 @@ class TrainState:
         self.scheduler.load_state_dict(saved.scheduler)
         self.scaler.load_state_dict(saved.scaler)
         self.epoch, self.step, self.best_val = saved.epoch, saved.step, saved.best_val
+        self.epoch_step, self.timing = saved.epoch_step, list(saved.timing)
         self.best_epoch, self.bad_epochs = saved.best_epoch, saved.bad_epochs
         self.status = saved.status
         # the learning rate is a function of the step: set it from this state's schedule, which
@@ -116,6 +119,7 @@ class TrainState:
             scaler=self.scaler.state_dict(),
             epoch=self.epoch,
             step=self.step,
+            epoch_step=self.epoch_step,
             rng=rng,
             best_val=self.best_val,
             best_epoch=self.best_epoch,
@@ -127,4 +131,5 @@ class TrainState:
                 "batch_size": profile.train.batch_size,
                 "world_size": world,
             },
+            timing=self.timing,
         )
