@@ -51,7 +51,8 @@ def test_name_resolves_dataset_and_model() -> None:
     assert p.dataset.name == "magnetic-tile" and p.model.name == "ae"
     assert p.dataset.layout == "folders" and p.dataset.folders.type_prefix == "MT_"
     assert p.dataset.image_size == (256, 256) and p.dataset.channels == 1
-    assert p.model.family == "ae" and p.loss.recon == "ssim"
+    assert p.model.family == "ae" and p.loss.recon == "mse"  # the pair file magnetic-tile-ae.toml
+    assert p.model.input_size == 64 and profiles.resolve("texture1-ae").loss.recon == "ssim"
 
 
 def test_shipped_dataset_profiles() -> None:
