@@ -8,6 +8,14 @@ import torch
 torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True)
+def output_mode(monkeypatch):
+    """Each test starts with the console's default output mode (in-process CLI calls set it)."""
+    from defectae import console
+
+    monkeypatch.setattr(console, "mode", console.OutputMode())
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch):
     """A temporary working folder for default output paths (work/, runs/)."""

@@ -173,7 +173,7 @@ def test_skip_variants_merge_at_every_resolution() -> None:
 
 def test_denoising_profiles_train_on_dominant_squares() -> None:
     for name in ("dae", "daee"):
-        p = profiles.resolve(f"synthetic-{name}")
+        p = profiles.resolve(f"texture1-{name}")  # the model profile alone (no pair file)
         assert p.corruption.kind == "dominant_square" and p.corruption.size == 20
         assert p.loss.corruption_weight > 1
     assert profiles.resolve("synthetic-ae").corruption.kind == "none"
