@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from defectae import profiles
 from defectae.models import build_model
 from defectae.stores.checkpoint import CheckpointState, save_checkpoint
+from defectae.stores.prepared import PreparedSplit
 
 
 def untrained_checkpoint(run_dir: Path, profile: profiles.Profile, name: str = "best.pt") -> Path:
@@ -29,3 +31,17 @@ def untrained_checkpoint(run_dir: Path, profile: profiles.Profile, name: str = "
     run_dir.mkdir(parents=True, exist_ok=True)
     save_checkpoint(state, run_dir / name)
     return run_dir / name
+
+
+def good_split(images: np.ndarray) -> PreparedSplit:
+    """A prepared split of good (N, C, H, W) uint8 square images, without defects."""
+    n, _, h, w = images.shape
+    return PreparedSplit(
+        images=images,
+        masks=np.zeros((n, 1, h, w), np.uint8),
+        labels=np.zeros(n, np.uint8),
+        defect_types=["good"] * n,
+        names=[f"{i:03d}" for i in range(n)],
+        files=[f"good/{i:03d}.png" for i in range(n)],
+        orig_sizes=np.full((n, 2), h, np.int32),
+    )

@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from builders import good_split
 from scipy.ndimage import gaussian_filter
 from torch.utils.data import DataLoader
 from typer.testing import CliRunner
@@ -34,7 +35,7 @@ from defectae.profiles.schema import (
     Profile,
 )
 from defectae.stores.patches import PatchDataset, open_patches, write_patches
-from defectae.stores.prepared import PreparedSplit, write_prepared
+from defectae.stores.prepared import write_prepared
 
 # ----------------------------------------------------------------------------- fixtures
 
@@ -46,22 +47,13 @@ def texture(rng: np.random.Generator, channels: int, size: int, sigma: float = 2
     return np.clip(field * 40 + 128, 0, 255).astype(np.uint8)
 
 
-def split(images: np.ndarray) -> PreparedSplit:
-    n, _, h, w = images.shape
-    return PreparedSplit(
-        images=images,
-        masks=np.zeros((n, 1, h, w), np.uint8),
-        labels=np.zeros(n, np.uint8),
-        defect_types=["good"] * n,
-        names=[f"{i:03d}" for i in range(n)],
-        files=[f"good/{i:03d}.png" for i in range(n)],
-        orig_sizes=np.full((n, 2), h, np.int32),
-    )
-
-
 def make_prepared(path: Path, train: np.ndarray, validation: np.ndarray) -> Path:
     c, h, w = train.shape[1:]
-    splits = {"train": split(train), "validation": split(validation), "test": split(train[:1])}
+    splits = {
+        "train": good_split(train),
+        "validation": good_split(validation),
+        "test": good_split(train[:1]),
+    }
     attrs = {
         "layout": "synthetic",
         "source": "tests",

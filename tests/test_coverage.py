@@ -11,6 +11,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from builders import good_split
 
 from defectae import console, profiles
 from defectae.commands import augment
@@ -18,7 +19,7 @@ from defectae.data import augmentations as A
 from defectae.errors import DefectaeError
 from defectae.profiles.schema import AugmentConfig, DatasetConfig, ModelConfig, Profile
 from defectae.stores.patches import open_patches
-from defectae.stores.prepared import PreparedSplit, write_prepared
+from defectae.stores.prepared import write_prepared
 
 DEFECTAE = Path(sys.executable).with_name("defectae")
 AXES = [(16, 16), (17, 16), (31, 16), (32, 16), (33, 16), (48, 8), (100, 16), (300, 128)]
@@ -109,19 +110,6 @@ def test_the_profile_key_defaults_to_even_and_is_checked():
 # ----------------------------------------------------------------------------- intensity report
 
 
-def _split(images: np.ndarray) -> PreparedSplit:
-    n, _, h, w = images.shape
-    return PreparedSplit(
-        images=images,
-        masks=np.zeros((n, 1, h, w), np.uint8),
-        labels=np.zeros(n, np.uint8),
-        defect_types=["good"] * n,
-        names=[f"{i:03d}" for i in range(n)],
-        files=[f"good/{i:03d}.png" for i in range(n)],
-        orig_sizes=np.full((n, 2), h, np.int32),
-    )
-
-
 @pytest.fixture
 def bright_border(tmp_path) -> Path:
     """48x48 gray images: a 6 px white frame (44% of the pixels) around mid-grey noise."""
@@ -134,9 +122,9 @@ def bright_border(tmp_path) -> Path:
         255,
     )
     splits = {
-        "train": _split(images[:6]),
-        "validation": _split(images[6:]),
-        "test": _split(images[:1]),
+        "train": good_split(images[:6]),
+        "validation": good_split(images[6:]),
+        "test": good_split(images[:1]),
     }
     attrs = {"layout": "synthetic", "source": "tests", "category": "frame", "image_size": [48, 48]}
     attrs |= {"color": "gray", "channels": 1, "dataset": {}}
