@@ -130,7 +130,7 @@ def compile_for_training(model: nn.Module, enabled: bool, example: torch.Tensor)
 
 
 class TimedModel(nn.Module):
-    """A reconstruction model under autocast that adds up the wall time of its forward passes
+    """A reconstruction (or feature-space) model under autocast that adds up the wall time of its forward passes
     (tile-test reports the share of time outside the model; bench measures it)."""
 
     def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype | None) -> None:
@@ -144,8 +144,9 @@ class TimedModel(nn.Module):
         synchronize(self.device)
         start = time.perf_counter()
         with autocast(self.device, self.dtype):
-            recon = self.model(x)["recon"]
-        recon = recon.float()
+            out = self.model(x)
+        key = "map" if "map" in out else "recon"  # feature-space models: their anomaly map
+        result = {key: out[key].float()}
         synchronize(self.device)
         self.seconds += time.perf_counter() - start
-        return {"recon": recon}
+        return result

@@ -12,6 +12,16 @@ from defectae.models import build_model
 from defectae.stores.checkpoint import CheckpointState, save_checkpoint
 from defectae.stores.prepared import PreparedSplit
 
+# A generated woven dataset small enough for a one-epoch CLI run: 64x64 images, 8 + 2 + 3 of them.
+TINY_SYNTHETIC = [
+    "dataset.synthetic.size=64",
+    "dataset.image_size=[64, 64]",
+    "dataset.synthetic.n_train=8",
+    "dataset.synthetic.n_test_good=2",
+    "dataset.synthetic.n_test_defect=3",
+    "dataset.val_fraction=0.25",
+]
+
 
 def untrained_checkpoint(run_dir: Path, profile: profiles.Profile, name: str = "best.pt") -> Path:
     """Save a freshly initialised (seed 0) model of the profile as RUN/name, a CheckpointState."""

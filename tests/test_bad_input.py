@@ -18,16 +18,12 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from builders import TINY_SYNTHETIC
 from PIL import Image
 
 DEFECTAE = Path(sys.executable).with_name("defectae")
 SETS = [
-    "dataset.synthetic.size=64",
-    "dataset.image_size=[64, 64]",
-    "dataset.synthetic.n_train=8",
-    "dataset.synthetic.n_test_good=2",
-    "dataset.synthetic.n_test_defect=3",
-    "dataset.val_fraction=0.25",
+    *TINY_SYNTHETIC,
     "model.input_size=32",
     "model.args.latent_dim=8",
     "augment.n_patches=64",

@@ -218,6 +218,8 @@ def profile_figures(
     with console.progress() as bar:
         task = bar.add_task(f"{profile.name}: inference, tile-test, data", total=3)
         inference_rates(fig, model, x, plan, device)
+        if getattr(model, "maps_anomalies", False):
+            fig.measure("encoder_share", lambda: encoder_share(model, x, plan, device))
         bar.advance(task)
         fig.measure(TILE_KEYS, lambda: tile_figures(model, profile, plan, device))
         bar.advance(task)
@@ -340,6 +342,15 @@ def inference_rates(
         fig.skip(int8_keys, "int8 kernels run on the CPU only")
     else:
         fig.measure(int8_keys, int8)
+
+
+def encoder_share(model: nn.Module, x: torch.Tensor, plan: Plan, device: torch.device) -> float:
+    """Feature-space models: the share of eager inference time spent in the frozen encoder."""
+    model, x = model.to(device).eval(), x.to(device)
+    with torch.inference_mode():
+        encoder = statistics.median(timed(lambda: model.encoder(x), plan.warmup, plan.reps, device))
+        whole = statistics.median(timed(lambda: model(x), plan.warmup, plan.reps, device))
+    return min(1.0, encoder / whole)
 
 
 def onnx_providers(device: torch.device) -> list[str]:

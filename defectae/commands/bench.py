@@ -8,6 +8,7 @@ batch 128, and synthetic-vae8, whole 256x256 images):
     inference patches/s eager, compiled, TorchScript, ONNX Runtime, INT8 (defectae.export);
     tile-test images/s at 512x512 and the share of it outside the model (bench.probes);
     p50 / p95 latency of one image through the Inspector at batch 1; peak memory;
+    for the feature-space families (rd, dfr), the share of inference time in the frozen encoder;
     augment's sampling patches/s, the DataLoader's read rate with and without corruption, and its ratio
     to the training rate (issue 4 asks for at least 5x);
     achieved GFLOP/s and its fraction of this machine's peak: the rate of a large float32 matmul,

@@ -1,7 +1,8 @@
 """`defectae export`: verified TorchScript and ONNX models a production line can run alone.
 
 Two artefacts per format, both from the run's checkpoint and both on the CPU:
-    model.{pt,onnx}      (B, C, P, P) patch in [0, 1] -> "recon" (B, C, P, P)
+    model.{pt,onnx}      (B, C, P, P) patch in [0, 1] -> "recon" (B, C, P, P), or "map" (B, 1, P, P)
+                         for the feature-space families (rd, dfr), which reconstruct no pixels
     inspector.{pt,onnx}  (B, C, H, W) image in [0, 1] -> "residual" (B, 1, H, W), "score" (B,),
                          "recon" (B, C, H, W): `defectae.core.inspector.Inspector`, so tiling, fusion
                          and the residual are the same code as tile-test, traced for H x W =
@@ -242,7 +243,7 @@ def _formats(requested: str) -> tuple[str, ...]:
     return (choice,)
 
 
-def _metadata(job: Job, kind: str, precision: str) -> dict[str, Any]:
+def _metadata(job: Job, kind: str, precision: str, output: str = "recon") -> dict[str, Any]:
     profile = job.profile
     c, p = profile.dataset.channels, profile.model.input_size
     h, w = profile.dataset.image_size
@@ -270,7 +271,7 @@ def _metadata(job: Job, kind: str, precision: str) -> dict[str, Any]:
         },
     }
     if kind == "reconstruction":
-        meta["outputs"] = {"recon": ["batch", c, p, p]}
+        meta["outputs"] = {output: ["batch", 1 if output == "map" else c, p, p]}
     else:
         meta["outputs"] = {
             "residual": ["batch", 1, h, w],
@@ -293,7 +294,7 @@ def _convert(
     if fmt == "torchscript":
         traced = converters.to_torchscript(module, example)
         return converters.torchscript_bytes(traced, metadata), "torch.jit.trace"
-    names = ["recon"] if kind == "reconstruction" else ["residual", "score", "recon"]
+    names = [module.key] if kind == "reconstruction" else ["residual", "score", "recon"]
     data, exporter = converters.to_onnx(
         module,
         example,
@@ -326,7 +327,8 @@ def export_artefact(
     example = batch_of(inputs, TRACE_BATCH)
     check = inputs if len(inputs) != TRACE_BATCH else batch_of(inputs, TRACE_BATCH + 1)
     what = "reconstruction model" if kind == "reconstruction" else "inspector"
-    metadata = {**_metadata(job, kind, precision), **(extra or {})}
+    output = getattr(module, "key", "recon")  # feature-space models output their "map"
+    metadata = {**_metadata(job, kind, precision, output), **(extra or {})}
     try:
         data, exporter = _convert(kind, fmt, module, example, metadata)
     except DefectaeError:

@@ -4,6 +4,8 @@
 Whole-image models (registry `Family.whole_image`, e.g. the AITEX VAEs) skip tiling; an image
 of another size than the model's input (`patch_size`) is resized bilinearly to it and the
 reconstruction resized back, so the residual is always at the image's own resolution.
+Feature-space models (models/featurespace.py) return their own anomaly map ("map"),
+which takes the residual's place: it is fused, resized and smoothed the same way.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from defectae.core.residuals import (
     residual_map,
     residual_reach,
     residual_weights,
+    smooth,
 )
 from defectae.core.tiling import extract_patches, fuse_patches, fusion_window, tile_origins
 from defectae.errors import DefectaeError
@@ -84,13 +87,27 @@ class Inspector(nn.Module):
         """From now on, return maps as z-scores of these good-image statistics (core.normalize)."""
         self.norm_mean, self.norm_std = mean.float(), std.float()
 
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """The model's float32 reconstruction of a batch of model-sized inputs, in chunks."""
+    def run_model(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """The model's float32 anomaly "map" on model-sized inputs, in chunks, if it makes one
+        (feature-space models; True), else its "recon" (False)."""
         n = x.shape[0]
         step = self.batch_size if self.batch_size > 0 else n
-        if n <= step:
-            return self.model(x)["recon"].float()
-        return torch.cat([self.model(x[i : i + step])["recon"].float() for i in range(0, n, step)])
+        outs = (
+            [self.model(x)]
+            if n <= step
+            else [self.model(x[i : i + step]) for i in range(0, n, step)]
+        )
+        key = "map" if "map" in outs[0] else "recon"
+        if len(outs) == 1:
+            return outs[0][key].float(), key == "map"
+        return torch.cat([o[key].float() for o in outs]), key == "map"
+
+    def anomaly_map(self, x: torch.Tensor, out: torch.Tensor, is_map: bool) -> torch.Tensor:
+        """The model's own map (smoothed as a residual would be), or the residual of its recon."""
+        if is_map:
+            sigma = self.residual_options.get("smooth_sigma", 0.0)
+            return smooth(out, sigma) if sigma > 0 else out
+        return residual_map(x, out, **self.residual_options)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = image.float()
@@ -98,13 +115,13 @@ class Inspector(nn.Module):
         size = self.patch_size
         if self.whole_image:
             if (h, w) == (size, size):
-                recon = self.reconstruct(x)
+                out, is_map = self.run_model(x)
             else:
                 small = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-                recon = F.interpolate(
-                    self.reconstruct(small), size=(h, w), mode="bilinear", align_corners=False
-                )
-            residual = residual_map(x, recon, **self.residual_options)
+                out, is_map = self.run_model(small)
+                out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
+            residual = self.anomaly_map(x, out, is_map)
+            recon = x if is_map else out
         else:
             pad = min(self.border_pad, min(h, w) - 1) if self.auto_pad else self.border_pad
             if pad >= min(h, w):
@@ -114,10 +131,10 @@ class Inspector(nn.Module):
             xp = F.pad(x, (pad, pad, pad, pad), mode="reflect") if pad > 0 else x
             hp, wp = h + 2 * pad, w + 2 * pad
             patches = extract_patches(xp, size, self.stride)  # (B * N, C, size, size)
-            recon = fuse_patches(
-                self.reconstruct(patches), (hp, wp), size, self.stride, self.window
-            )
-            residual = residual_map(xp, recon, **self.residual_options)
+            out, is_map = self.run_model(patches)
+            out = fuse_patches(out, (hp, wp), size, self.stride, self.window)
+            residual = self.anomaly_map(xp, out, is_map)
+            recon = xp if is_map else out
             if pad > 0:
                 residual = residual[:, :, pad : pad + h, pad : pad + w]
                 recon = recon[:, :, pad : pad + h, pad : pad + w]

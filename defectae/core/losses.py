@@ -1,10 +1,13 @@
-"""Training losses: the reconstruction terms, KL, an extra SSIM term and latent sparsity.
+"""Training losses: the reconstruction terms, KL, an extra SSIM term, latent sparsity and a
+perceptual (feature-distance) term.
 
-total = alpha*recon + kld_weight(epoch)*kl + beta*ssim_term + sparse_weight*sparse,
-as the flexible-VAE reference defines it. Every term is returned by name so training
-logs each one. The settings are plain keyword arguments (as pytorch-msssim takes them);
-training unpacks the profile's [loss] section once, in `training.step.loss_kwargs`.
-Losses run in float32 whatever the autocast dtype.
+total = alpha*recon + kld_weight(epoch)*kl + beta*ssim_term + sparse_weight*sparse
+        + perceptual_weight*perceptual,
+as the flexible-VAE reference defines it (plus the perceptual term of Johnson et al., 2016).
+Every term is returned by name so training logs each one. The settings are plain keyword
+arguments (as pytorch-msssim takes them); training unpacks the profile's [loss] section once,
+in `training.step.loss_kwargs`. Losses run in float32 whatever the autocast dtype; only the
+perceptual term's encoder runs under it, for speed.
 """
 
 from __future__ import annotations
@@ -71,6 +74,28 @@ def kl_weight(epoch: int, kld_weight: float, kl_warmup_epochs: int = 0) -> float
     return kld_weight * min(1.0, (epoch + 1) / kl_warmup_epochs)
 
 
+def perceptual_loss(features: list[Tensor], features_of_target: list[Tensor]) -> Tensor:
+    """Mean over levels of each level's MSE: squared distance / (C*H*W), as Johnson et al. (2016).
+
+    Dividing by the level's size keeps wide, coarse and narrow, fine levels on one scale.
+    Compared in float32, whatever precision the encoder ran in.
+    """
+    per_level = [
+        F.mse_loss(f.float(), t.float()) for f, t in zip(features, features_of_target, strict=True)
+    ]
+    return torch.stack(per_level).mean()
+
+
+def _perceptual_features(
+    encoder: Callable[[Tensor], list[Tensor]], pred: Tensor, target: Tensor
+) -> tuple[list[Tensor], list[Tensor]]:
+    """The encoder's features of both images, under the caller's autocast (for speed); gradients
+    flow through the prediction's only."""
+    with torch.no_grad():
+        of_target = encoder(target.float())
+    return encoder(pred.float()), of_target
+
+
 def _weighted_mean(per_pixel: Tensor, weight: Tensor) -> Tensor:
     """Mean of a (B, C, H, W) loss map under a (B, 1, H, W) pixel weight, normalised so weight 1 = plain mean."""
     weight = weight.expand_as(per_pixel)
@@ -119,13 +144,26 @@ def compute_losses(
     corruption_weight: float = 1.0,
     epoch: int = 0,
     corruption_mask: Tensor | None = None,
+    perceptual: Callable[[Tensor], list[Tensor]] | None = None,
+    perceptual_weight: float = 0.0,
 ) -> dict[str, Tensor]:
-    """Every active loss term by name ("recon", "kl", "ssim_term", "sparse") and their weighted sum "total".
+    """Every active loss term by name ("recon", "kl", "ssim_term", "sparse", "perceptual") and
+    their weighted sum "total".
 
     out: the model's output dict ("recon", and "mu"/"logvar" for VAEs, "z" for a latent code).
     corruption_mask: (B, 1, H, W), 1 on corrupted pixels; with corruption_weight != 1 the
     spatial reconstruction term weighs those pixels corruption_weight times more.
+    perceptual: a frozen encoder, images in [0, 1] -> feature maps (models.backbones).
     """
+    if perceptual_weight > 0 and perceptual is None:
+        raise DefectaeError(
+            f"loss.perceptual_weight = {perceptual_weight}: no perceptual encoder was given"
+        )
+    features = (
+        _perceptual_features(perceptual, out["recon"], target)
+        if perceptual is not None and perceptual_weight > 0
+        else None
+    )
     if corruption_mask is not None and corruption_weight != 1.0 and recon == "msssim":
         raise DefectaeError(
             f"loss.corruption_weight = {corruption_weight}: not available with loss.recon = "
@@ -155,5 +193,8 @@ def compute_losses(
                 )
             terms["sparse"] = out["z"].float().abs().mean()
             total = total + sparse_weight * terms["sparse"]
+        if features is not None:
+            terms["perceptual"] = perceptual_loss(*features)
+            total = total + perceptual_weight * terms["perceptual"]
         terms["total"] = total
     return terms

@@ -28,14 +28,16 @@ EXTRA = "pip install 'defectae[export]'"
 
 
 class Reconstruction(nn.Module):
-    """The model with the "recon" tensor as its only output: (B, C, P, P) -> (B, C, P, P)."""
+    """The model with one tensor as its output: "recon" (B, C, P, P), or for feature-space
+    models, which reconstruct no pixels, their anomaly "map" (B, 1, P, P)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.key = "map" if getattr(model, "maps_anomalies", False) else "recon"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)["recon"]
+        return self.model(x)[self.key]
 
 
 @contextlib.contextmanager

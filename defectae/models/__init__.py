@@ -4,7 +4,17 @@ Importing the package imports every family module, which registers its builders,
 torchvision.models does; the registry itself imports no family.
 """
 
-from defectae.models import ae, aitex_vae, cnnae, diffae, resnetae, specvae, vitae  # noqa: F401
+from defectae.models import (  # noqa: F401
+    ae,
+    aitex_vae,
+    cnnae,
+    diffae,
+    featrecon,
+    resnetae,
+    revdist,
+    specvae,
+    vitae,
+)
 from defectae.models.registry import FAMILIES, Family, build_model, get_family, register
 
 __all__ = ["FAMILIES", "Family", "build_model", "get_family", "register"]

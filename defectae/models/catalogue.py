@@ -7,6 +7,7 @@ from typing import Any
 from rich.table import Table
 
 from defectae import console
+from defectae.errors import DefectaeError
 from defectae.models.registry import FAMILIES, build_model, get_family
 from defectae.models.stats import count_parameters, flops_per_sample
 
@@ -30,7 +31,12 @@ def describe(name: str, channels: int = 1) -> dict[str, Any]:
 def run() -> dict[str, Any]:
     """Print the model catalogue; return it for --json."""
     get_family("ae")  # loads the registry
-    rows = [describe(name) for name in console.track(sorted(FAMILIES), "measuring models")]
+    rows, unavailable = [], {}
+    for name in console.track(sorted(FAMILIES), "measuring models"):
+        try:
+            rows.append(describe(name))
+        except DefectaeError as err:  # e.g. a pretrained backbone whose weights are not installed
+            unavailable[name] = str(err)
     table = Table(title="model families (1 channel, default size)")
     for col in ("family", "input", "parameters", "GFLOPs/patch", "description"):
         table.add_column(
@@ -45,4 +51,6 @@ def run() -> dict[str, Any]:
             r["summary"],
         )
     console.show(table)
-    return {"models": rows}
+    for name, why in unavailable.items():
+        console.warn(f"{name}: not measured; {why}")
+    return {"models": rows, "unavailable": unavailable}

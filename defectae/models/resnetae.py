@@ -160,6 +160,6 @@ def build_resnetae(
         raise DefectaeError(f"model.args.bottleneck '{bottleneck}': expected 'fc' or 'conv'")
     require_positive_int(latent_dim, "model.args.latent_dim")
     model = ResNetAE(in_channels, input_size, depth, latent_dim, bottleneck)
-    if weights:
+    if weights and weights != "none":  # "none": the checkpoint being loaded holds the weights
         load_encoder_weights(model.encoder, str(weights), depth)
     return model

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, is_dataclass
 from typing import Any, Literal
 
 Range = tuple[float | None, float | None]
+Backbone = Literal["efficientnet-lite0", "resnet18", "wide_resnet50_2", "vgg16"]  # models.backbones
 
 
 def opt(default: Any, lo: float | None = None, hi: float | None = None, doc: str = "") -> Any:
@@ -131,7 +132,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """total = alpha*recon + kld_weight*KL + beta*ssim_term + sparse_weight*sparse."""
+    """total = alpha*recon + kld_weight*KL + beta*ssim_term + sparse_weight*sparse
+    + perceptual_weight*perceptual."""
 
     recon: Literal[
         "mse", "l1", "ssim", "msssim", "frequency", "logfrequency", "hybrid", "hybrid_spatial"
@@ -147,6 +149,21 @@ class LossConfig:
     frequency_weight: float = opt(1.0, 0.0, None, doc="weight of the FFT term inside hybrid losses")
     corruption_weight: float = opt(
         1.0, 0.0, None, doc="extra weight on corrupted pixels for denoising models (1 = none)"
+    )
+    perceptual_weight: float = opt(
+        0.0,
+        0.0,
+        None,
+        doc="weight of the feature distance between reconstruction and input under a frozen "
+        "pretrained encoder (pixel models); 0 = off",
+    )
+    perceptual_backbone: Backbone = opt(
+        "efficientnet-lite0",
+        doc="encoder of the perceptual term (models.backbones); efficientnet-lite0 works offline, "
+        "the others (vgg16: the classic choice) download their weights on first use",
+    )
+    perceptual_weights: str = opt(
+        "", doc="state dict path for machines without internet; empty: the backbone's own"
     )
 
 

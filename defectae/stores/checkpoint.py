@@ -9,6 +9,7 @@ ended, so that later commands can refuse a run that never trained (`require_trai
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import pickle
 import zipfile
@@ -21,7 +22,7 @@ from torch import nn
 from defectae import __version__
 from defectae.errors import DefectaeError, first_line
 from defectae.files import atomic_path
-from defectae.models import build_model
+from defectae.models import build_model, get_family
 from defectae.profiles import Profile, from_dict, to_dict
 
 FORMAT_VERSION = 1
@@ -183,8 +184,10 @@ def load_model(
     profile = profile_of(state, path)
     if expect is not None:
         check_profile(profile, expect, path)
-    # pretrained-initialisation files (resnetae's `weights`) are not needed: the checkpoint holds the weights
-    args = {k: v for k, v in profile.model.args.items() if k != "weights"}
+    # pretrained weights (resnetae's, the feature-space encoders') are not read: the checkpoint holds them
+    args = dict(profile.model.args)
+    if "weights" in inspect.signature(get_family(profile.model.family).builder).parameters:
+        args["weights"] = "none"
     model = build_model(
         profile.model.family, profile.dataset.channels, profile.model.input_size, args
     )

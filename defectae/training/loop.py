@@ -183,7 +183,14 @@ def _epochs(
             save(run, state, "last.pt", clock)
             return val
         val = validate(
-            state.model, val_loader, run.profile.loss, state.epoch, dev, run.dtype, run.world
+            state.model,
+            val_loader,
+            run.profile.loss,
+            state.epoch,
+            dev,
+            run.dtype,
+            run.world,
+            objective=devices.unwrap(objective),
         )
         if not all(math.isfinite(v) for v in val.values()):
             where = f"epoch {state.epoch} step {state.step}: validation loss is {val['total']}"
@@ -203,9 +210,10 @@ def _epochs(
             log.epoch(record, state.model, run.dtype)
             epochs_after = cfg.epochs - state.epoch if state.status == "running" else 0
             left = _left(clock, clock.remaining(0, epochs_after, steps, validated=True))
+            ssim = f"  ssim {val['ssim']:.4f}" if "ssim" in val else ""
             console.info(
                 f"epoch {state.epoch}/{cfg.epochs}  train {train['total']:.5f}  "
-                f"val {val['total']:.5f}  ssim {val['ssim']:.4f}  lr {record['lr']:.2e}  "
+                f"val {val['total']:.5f}{ssim}  lr {record['lr']:.2e}  "
                 f"{record['patches_per_s']:.0f} patches/s  {hms(clock.elapsed())} elapsed, "
                 f"~{hms(left)} left" + ("  best" if improved else "")
             )

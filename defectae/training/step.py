@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -14,6 +15,8 @@ from torch import nn
 from defectae import device as devices
 from defectae.core.losses import compute_losses
 from defectae.core.ssim import ssim_map
+from defectae.errors import DefectaeError
+from defectae.models.backbones import FrozenEncoder, build_backbone
 from defectae.profiles import LossConfig, TrainConfig
 
 Tensor = torch.Tensor
@@ -23,12 +26,15 @@ class Objective(nn.Module):
     """The training loss of one batch: the model's own objective (diffusion) or `compute_losses`.
 
     One module, so that DDP wraps the whole loss computation (its gradient hooks need forward).
+    With loss.perceptual_weight > 0 it holds the frozen encoder of the perceptual term, on the
+    model's device; the optimizer and the checkpoint see the model only.
     """
 
     def __init__(self, model: nn.Module, loss: LossConfig) -> None:
         super().__init__()
         self.model, self.loss = model, loss_kwargs(loss)
         self.own = hasattr(devices.unwrap(model), "training_losses")
+        self.perceptual = self._encoder(loss) if loss.perceptual_weight > 0 else None
 
     def forward(
         self, clean: Tensor, inputs: Tensor, mask: Tensor | None, epoch: int
@@ -41,12 +47,30 @@ class Objective(nn.Module):
         self, out: dict[str, Tensor], clean: Tensor, mask: Tensor | None, epoch: int
     ) -> dict[str, Tensor]:
         """The loss terms of a model output that is already computed."""
-        return compute_losses(out, clean, **self.loss, epoch=epoch, corruption_mask=mask)
+        return compute_losses(
+            out, clean, **self.loss, epoch=epoch, corruption_mask=mask, perceptual=self.perceptual
+        )
+
+    def _encoder(self, loss: LossConfig) -> FrozenEncoder:
+        """The perceptual term's frozen encoder, on the model's device."""
+        if self.own:
+            raise DefectaeError(
+                f"loss.perceptual_weight = {loss.perceptual_weight}: this model family trains its "
+                "own objective, which has no perceptual term; set it to 0"
+            )
+        encoder = build_backbone(
+            loss.perceptual_backbone, loss.perceptual_weights or None, key="loss.perceptual_weights"
+        )
+        tensors = itertools.chain(self.model.parameters(), self.model.buffers())
+        return encoder.to(next(tensors, torch.empty(0)).device)
 
 
 def loss_kwargs(loss: LossConfig) -> dict[str, Any]:
-    """The profile's [loss] section as the keyword arguments of `compute_losses`."""
-    return dataclasses.asdict(loss)
+    """The profile's [loss] section as the keyword arguments of `compute_losses`; the perceptual
+    encoder itself (built from perceptual_backbone and _weights) is the caller's to pass."""
+    kwargs = dataclasses.asdict(loss)
+    del kwargs["perceptual_backbone"], kwargs["perceptual_weights"]
+    return kwargs
 
 
 def train_step(
@@ -98,12 +122,15 @@ def validate(
     device: torch.device,
     dtype: torch.dtype | None,
     world: int = 1,
+    objective: Objective | None = None,
 ) -> dict[str, float]:
-    """Patch-weighted means of every loss term, and of the SSIM index (key "ssim"), over the validation patches.
+    """Patch-weighted means of every loss term, and of the SSIM index (key "ssim", for models that
+    reconstruct pixels), over the validation patches.
 
     Eval mode, no grad, clean inputs; stochastic terms use a fixed seed so epochs compare fairly.
+    `objective`: the training loop's, so a perceptual encoder is not rebuilt every epoch.
     """
-    objective = Objective(model, loss)
+    objective = objective if objective is not None else Objective(model, loss)
     sums: dict[str, Tensor] = {}
     model.eval()
     with torch.random.fork_rng(devices=devices.rng_devices(device)):
@@ -117,9 +144,9 @@ def validate(
                     if objective.own
                     else objective.terms(out, x, None, epoch - 1)
                 )
-            recon = out["recon"].float().clamp(0, 1)
-            ssim_index = ssim_map(recon, x, window=loss.ssim_window)  # (B, C, P, P)
-            terms["ssim"] = ssim_index.mean()
+            if "map" not in out:  # feature-space models reconstruct no pixels
+                recon = out["recon"].float().clamp(0, 1)
+                terms["ssim"] = ssim_map(recon, x, window=loss.ssim_window).mean()
             for key, value in terms.items():
                 sums[key] = sums.get(key, 0.0) + value.detach().double() * x.shape[0]
             sums["count"] = sums.get("count", 0.0) + torch.tensor(

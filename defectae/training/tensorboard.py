@@ -85,13 +85,18 @@ def log_epoch(
     if cfg.log_images_every and (epoch == 1 or epoch % cfg.log_images_every == 0):
         model.eval()
         with devices.autocast(images.device, dtype):
-            recon = model(images)["recon"].float().clamp(0, 1)
+            out = model(images)
         model.train()
-        # top row input, bottom row reconstruction
+        if "map" in out:  # feature-space models: their anomaly map, scaled to the batch's maximum
+            heat = out["map"].float()
+            second = (heat / heat.amax().clamp_min(1e-12)).expand_as(images)
+        else:
+            second = out["recon"].float().clamp(0, 1)
+        # top row input, bottom row reconstruction (or map)
         grid = make_grid(
-            torch.cat([images, recon]).cpu(), nrow=images.shape[0], padding=2, pad_value=1.0
+            torch.cat([images, second]).cpu(), nrow=images.shape[0], padding=2, pad_value=1.0
         )
-        writer.add_image("val/reconstructions", grid, step)
+        writer.add_image("val/maps" if "map" in out else "val/reconstructions", grid, step)
     if cfg.histograms:
         for name, param in devices.unwrap(model).named_parameters():
             writer.add_histogram(f"weights/{name}", param.detach().float().cpu(), step)

@@ -1,0 +1,69 @@
+"""The feature-space families through the real CLI with the offline backbone: one epoch of
+training on generated texture, tile-test, score, and an export verified against eager."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import pytest
+from builders import TINY_SYNTHETIC
+
+SETS = [
+    *TINY_SYNTHETIC,
+    "model.input_size=64",
+    "augment.whole_image=true",
+    "augment.n_patches=16",
+    "augment.n_val_patches=4",
+    "train.epochs=1",
+    "train.batch_size=8",
+    "train.compile=false",
+    "train.num_workers=0",
+    "tile.normalize=none",  # raw maps, to check they are the model's (positive) distances
+]
+
+
+def defectae(home: Path, *args: str, code: int = 0) -> subprocess.CompletedProcess:
+    """The installed console script, as users run it."""
+    cmd = [str(Path(sys.executable).with_name("defectae")), "--json", *args]
+    env = {**os.environ, "DEFECTAE_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == code, proc.stderr
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["rd", "dfr"])
+def test_one_epoch_then_tile_test_score_and_a_verified_export(tmp_path, family):
+    profile = ["--profile", f"synthetic-{family}", *(a for s in SETS for a in ("--set", s))]
+    defectae(tmp_path, "prepare", *profile)
+    defectae(tmp_path, "augment", *profile)
+    trained = json.loads(defectae(tmp_path, "train", *profile).stdout)
+    assert trained["status"] == "finished" and "ssim" not in trained["val"]
+    tiled = json.loads(defectae(tmp_path, "tile-test", *profile).stdout)
+    with h5py.File(tiled["residuals"]) as f:  # the model's own maps, not a pixel residual
+        assert f["test/residuals"].shape == (5, 1, 64, 64) and f["test/residuals"][()].min() > 0
+    scored = json.loads(defectae(tmp_path, "score", *profile).stdout)
+    metrics = json.loads(Path(scored["metrics_json"]).read_text())["metrics"]
+    assert 0.0 <= metrics["image_auroc"] <= 1.0
+    exported = json.loads(
+        defectae(tmp_path, "export", "--run", trained["run_dir"], "--format", "all").stdout
+    )
+    assert max(exported["max_abs_diff"].values()) <= 1e-4
+    model_meta = json.loads((Path(trained["run_dir"]) / "export" / "export.json").read_text())
+    assert model_meta["max_abs_diff"].keys() >= {"model.pt", "inspector.pt", "model.onnx"}
+
+
+def test_an_unknown_backbone_is_one_line_and_exit_2(tmp_path):
+    sets = ["--set", "model.args.backbone=resnet-18"]
+    proc = defectae(tmp_path, "bench", "--profile", "synthetic-rd", *sets, "--quick", code=2)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: model.args.backbone 'resnet-18': unknown backbone; expected one of "
+        "efficientnet-lite0, resnet18, wide_resnet50_2, vgg16"
+    ]
+    assert "Traceback" not in proc.stderr
