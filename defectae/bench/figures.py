@@ -347,9 +347,10 @@ def inference_rates(
 def encoder_share(model: nn.Module, x: torch.Tensor, plan: Plan, device: torch.device) -> float:
     """Feature-space models: the share of eager inference time spent in the frozen encoder."""
     model, x = model.to(device).eval(), x.to(device)
+    reps = max(plan.reps, 5)  # a ratio of two noisy medians: a few more repetitions than --quick's
     with torch.inference_mode():
-        encoder = statistics.median(timed(lambda: model.encoder(x), plan.warmup, plan.reps, device))
-        whole = statistics.median(timed(lambda: model(x), plan.warmup, plan.reps, device))
+        encoder = statistics.median(timed(lambda: model.encoder(x), plan.warmup, reps, device))
+        whole = statistics.median(timed(lambda: model(x), plan.warmup, reps, device))
     return min(1.0, encoder / whole)
 
 
