@@ -75,10 +75,6 @@ def _lite0() -> nn.Module:
     return EfficientNetLite0()
 
 
-def _tv_url(weights: torchvision.models.WeightsEnum) -> str:
-    return weights.url
-
-
 BACKBONES: dict[str, Spec] = {
     "efficientnet-lite0": Spec(_lite0, _lite0_levels, (24, 40, 112), (4, 8, 16)),
     "resnet18": Spec(
@@ -86,21 +82,21 @@ BACKBONES: dict[str, Spec] = {
         _resnet_levels,
         (64, 128, 256),
         (4, 8, 16),
-        _tv_url(torchvision.models.ResNet18_Weights.IMAGENET1K_V1),
+        torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url,
     ),
     "wide_resnet50_2": Spec(
         lambda: torchvision.models.wide_resnet50_2(),
         _resnet_levels,
         (256, 512, 1024),
         (4, 8, 16),
-        _tv_url(torchvision.models.Wide_ResNet50_2_Weights.IMAGENET1K_V1),
+        torchvision.models.Wide_ResNet50_2_Weights.IMAGENET1K_V1.url,
     ),
     "vgg16": Spec(
         lambda: torchvision.models.vgg16(),
         _vgg_levels,
         (64, 128, 256, 512),
         (1, 2, 4, 8),
-        _tv_url(torchvision.models.VGG16_Weights.IMAGENET1K_V1),
+        torchvision.models.VGG16_Weights.IMAGENET1K_V1.url,
         _drop_vgg_classifier,
     ),
 }

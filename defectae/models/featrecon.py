@@ -14,19 +14,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from defectae.models.backbones import build_backbone
 from defectae.models.blocks import require_multiple, require_positive_int
-from defectae.models.featurespace import FeatureSpaceModel, conv_bn_relu
+from defectae.models.featurespace import FeatureSpaceModel, conv_bn_relu, squared_distance
 from defectae.models.registry import register
 
 Tensor = torch.Tensor
 
 
-class FeatureReconstruction(FeatureSpaceModel):
+class FeatureAutoencoder(nn.Module):
     """Concatenated multi-level features -> 1x1-conv autoencoder -> the same features."""
 
-    def __init__(self, backbone: str, weights: str | None, latent_channels: int) -> None:
-        super().__init__(backbone, weights, distance="squared")
-        width = sum(self.encoder.channels[:3])
+    def __init__(self, width: int, latent_channels: int) -> None:
+        super().__init__()
         hidden = (width + latent_channels) // 2
         self.autoencoder = nn.Sequential(
             conv_bn_relu(width, hidden, kernel=1),
@@ -35,7 +35,7 @@ class FeatureReconstruction(FeatureSpaceModel):
             nn.Conv2d(hidden, width, 1),
         )
 
-    def reproduce(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    def forward(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         size = features[0].shape[-2:]
         levels = [
             F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in features[:3]
@@ -61,4 +61,6 @@ def build_dfr(
 ) -> nn.Module:
     require_multiple(input_size, 16, "dfr")
     require_positive_int(latent_channels, "model.args.latent_channels")
-    return FeatureReconstruction(backbone, weights, latent_channels)
+    encoder = build_backbone(backbone, weights or None)
+    head = FeatureAutoencoder(sum(encoder.channels[:3]), latent_channels)
+    return FeatureSpaceModel(encoder, head, squared_distance)

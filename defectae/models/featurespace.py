@@ -8,11 +8,13 @@ the model's `training_losses` (the mean over levels of the per-location feature 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defectae.models.backbones import FrozenEncoder, build_backbone
+from defectae.models.backbones import FrozenEncoder
 
 Tensor = torch.Tensor
 
@@ -33,32 +35,28 @@ def upsampled_sum(maps: list[Tensor], size: tuple[int, int]) -> Tensor:
 
 
 class FeatureSpaceModel(nn.Module):
-    """A frozen encoder and a trainable part that reproduces its features.
+    """A frozen encoder and a trainable `head` that reproduces its features.
 
-    Subclasses define `reproduce(features) -> (targets, outputs)`, lists of feature maps
-    compared level by level with `distance`.
+    `head(features) -> (targets, outputs)`: lists of feature maps compared level by level
+    with `distance` (cosine_distance or squared_distance).
     """
 
     maps_anomalies = True
 
     def __init__(
         self,
-        backbone: str,
-        weights: str | None,
-        distance: str = "cosine",
+        encoder: FrozenEncoder,
+        head: nn.Module,
+        distance: Callable[[Tensor, Tensor], Tensor],
     ) -> None:
         super().__init__()
-        self.encoder: FrozenEncoder = build_backbone(backbone, weights or None)
-        self.distance = cosine_distance if distance == "cosine" else squared_distance
-
-    def reproduce(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-        raise NotImplementedError
+        self.encoder, self.head, self.distance = encoder, head, distance
 
     def level_maps(self, x: Tensor) -> list[Tensor]:
         """The feature distance at each level: (B, 1, h_i, w_i)."""
         with torch.no_grad():
             features = [f.detach() for f in self.encoder(x)]
-        targets, outputs = self.reproduce(features)
+        targets, outputs = self.head(features)
         return [self.distance(t, o) for t, o in zip(targets, outputs, strict=True)]
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:

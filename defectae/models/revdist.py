@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from defectae.models.backbones import backbone_spec
+from defectae.models.backbones import build_backbone
 from defectae.models.blocks import require_multiple, require_positive_int
-from defectae.models.featurespace import FeatureSpaceModel, conv_bn_relu
+from defectae.models.featurespace import FeatureSpaceModel, conv_bn_relu, cosine_distance
 from defectae.models.registry import register
 
 Tensor = torch.Tensor
@@ -55,18 +55,18 @@ def up_block(cin: int, cout: int) -> nn.Sequential:
     )
 
 
-class ReverseDistillation(FeatureSpaceModel):
+class Student(nn.Module):
     """Teacher features -> bottleneck -> student features at the same three levels."""
 
-    def __init__(self, backbone: str, weights: str | None, embed_channels: int) -> None:
-        super().__init__(backbone, weights, distance="cosine")
-        c1, c2, c3 = self.encoder.channels[:3]
-        self.bottleneck = Bottleneck((c1, c2, c3), embed_channels)
+    def __init__(self, channels: tuple[int, int, int], embed_channels: int) -> None:
+        super().__init__()
+        c1, c2, c3 = channels
+        self.bottleneck = Bottleneck(channels, embed_channels)
         self.decoder = nn.ModuleList(
             [up_block(embed_channels, c3), up_block(c3, c2), up_block(c2, c1)]
         )
 
-    def reproduce(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    def forward(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         h = self.bottleneck(features)
         outputs = []
         for block in self.decoder:
@@ -92,5 +92,7 @@ def build_rd(
     require_multiple(input_size, 32, "rd")
     if embed_channels:
         require_positive_int(embed_channels, "model.args.embed_channels")
-    width = embed_channels or 2 * backbone_spec(backbone).channels[2]
-    return ReverseDistillation(backbone, weights, width)
+    encoder = build_backbone(backbone, weights or None)
+    channels = encoder.channels[:3]
+    student = Student(channels, embed_channels or 2 * channels[2])
+    return FeatureSpaceModel(encoder, student, cosine_distance)
