@@ -11,17 +11,18 @@ Kinds (CorruptionConfig.kind):
                      (the histogram mode of its uint8 colours), as in the DAE of Rádli & Czúni
     random_square    squares of a uniformly random colour, one colour per square
     noise_block      squares with added Gaussian noise of sigma `noise_std` (clipped to [0, 1])
-    perlin           DRAEM-style: a Perlin-noise region (min-max scaled noise > `perlin_threshold`)
-                     blended with a procedural foreign texture (fractal Perlin noise between two
-                     random colours), opacity uniform in [0.2, 1]
+    perlin           DRAEM-style: a Perlin-noise region (min-max scaled noise > `perlin_threshold`,
+                     `perlin_scale` lattice cells per side, or per patch a power of two from
+                     `perlin_min_scale` up) blended with a foreign texture from `source`
+                     (`defectae.data.anomaly_sources`), opacity uniform in [0.2, 1]
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from defectae.data.anomaly_sources import check_source, minmax, perlin_noise, textures
+from defectae.errors import DefectaeError
 from defectae.profiles.schema import CorruptionConfig
 
 KINDS = ("dominant_square", "random_square", "noise_block", "perlin")
@@ -118,68 +119,55 @@ def noise_block(
     return out, changed_mask(x, out)
 
 
-def _lattice_weights(
-    side: int, cells: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(side, cells+1) interpolation weights of each pixel on its two lattice lines, and the same
-    weights times the pixel's offset from each line (Perlin's dot product, one axis at a time)."""
-    coord = (torch.arange(side, device=device, dtype=torch.float32) + 0.5) * (cells / side)
-    cell = coord.floor().long().clamp_(max=cells - 1)
-    frac = coord - cell  # (side,) position inside the cell
-    fade = frac * frac * frac * (frac * (frac * 6 - 15) + 10)
-    near = torch.nn.functional.one_hot(cell, cells + 1).to(torch.float32)
-    far = torch.nn.functional.one_hot(cell + 1, cells + 1).to(torch.float32)
-    weight = near * (1 - fade)[:, None] + far * fade[:, None]
-    offset = near * ((1 - fade) * frac)[:, None] + far * (fade * (frac - 1))[:, None]
-    return weight, offset
+def scale_exponents(min_scale: int, scale: int) -> range:
+    """The powers of two (as exponents) in [min_scale, scale]: DRAEM's per-patch lattice sizes."""
+    return range((min_scale - 1).bit_length(), scale.bit_length())
 
 
-def perlin_noise(
-    batch: int, side: int, cells: int, g: torch.Generator, device: torch.device
+def perlin_region(
+    batch: int, side: int, cfg: CorruptionConfig, g: torch.Generator, device: torch.device
 ) -> torch.Tensor:
-    """(B, side, side) gradient (Perlin) noise with `cells` lattice cells per side, values about [-1, 1].
-
-    Interpolation is separable, so the noise is two small matrix products per patch:
-    rows(weight) @ grad_x @ cols(offset)^T + rows(offset) @ grad_y @ cols(weight)^T.
-    """
-    angles = _rand((batch, cells + 1, cells + 1), g, device) * (2 * math.pi)
-    grad_x, grad_y = torch.cos(angles), torch.sin(angles)  # (B, cells+1, cells+1) lattice gradients
-    weight, offset = _lattice_weights(side, cells, device)  # (side, cells+1) each
-    noise = weight @ grad_x @ offset.T + offset @ grad_y @ weight.T  # (B, side, side)
-    return noise * math.sqrt(2)
-
-
-def _minmax(t: torch.Tensor) -> torch.Tensor:
-    flat = t.flatten(1)
-    lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
-    return (t - lo[:, None, None]) / (hi - lo).clamp_min(1e-12)[:, None, None]
-
-
-def foreign_texture(
-    batch: int, channels: int, side: int, g: torch.Generator, device: torch.device
-) -> torch.Tensor:
-    """(B, C, side, side) in [0, 1]: fractal Perlin noise (3 octaves) between two random colours."""
-    field = torch.zeros((batch, side, side), device=device)
-    for octave in range(3):
-        cells = min(side, 2 ** (octave + 2))
-        field += perlin_noise(batch, side, cells, g, device) / 2**octave
-    t = _minmax(field)[:, None]  # (B, 1, side, side)
-    a = _rand((batch, channels, 1, 1), g, device)
-    b = _rand((batch, channels, 1, 1), g, device)
-    return a + (b - a) * t
+    """(B, side, side) bool: min-max scaled Perlin noise > `perlin_threshold`; with
+    `perlin_min_scale` each patch draws its cells per axis as a power of two, so the regions range
+    from large blobs to small specks."""
+    if not cfg.perlin_min_scale:
+        noise = perlin_noise(batch, side, min(cfg.perlin_scale, side), g, device)
+    else:
+        exps = scale_exponents(cfg.perlin_min_scale, cfg.perlin_scale)
+        draws = torch.randint(exps.start, exps.stop, (batch, 2), generator=g, device=device)
+        noise = torch.cat(
+            [
+                perlin_noise(1, side, min(2**ey, side), g, device, cells_x=min(2**ex, side))
+                for ey, ex in draws.tolist()
+            ]
+        )
+    return minmax(noise) > cfg.perlin_threshold
 
 
 def perlin(
-    x: torch.Tensor, scale: int, threshold: float, g: torch.Generator
+    x: torch.Tensor, cfg: CorruptionConfig, g: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """DRAEM-style anomaly: blend a foreign texture into a thresholded Perlin-noise region."""
-    b, c, p, _ = x.shape
-    region = _minmax(perlin_noise(b, p, min(scale, p), g, x.device)) > threshold  # (B, P, P)
-    texture = foreign_texture(b, c, p, g, x.device).to(x.dtype)
+    """DRAEM-style anomaly: blend a foreign texture (`cfg.source`) into a thresholded Perlin region."""
+    b, _, p, _ = x.shape
+    region = perlin_region(b, p, cfg, g, x.device)  # (B, P, P)
+    texture = textures(x, cfg, g)
     beta = _rand((b, 1, 1, 1), g, x.device).to(x.dtype) * 0.8  # share of the original kept
     blended = (beta * x + (1 - beta) * texture).clamp(0.0, 1.0)
     out = torch.where(region[:, None], blended, x)
     return out, changed_mask(x, out)
+
+
+def check_corruption(cfg: CorruptionConfig | None) -> None:
+    """Raise a one-line DefectaeError for settings `corrupt` cannot use, before training starts
+    rather than inside a DataLoader worker."""
+    if cfg is None or cfg.kind != "perlin":
+        return
+    if cfg.perlin_min_scale and not scale_exponents(cfg.perlin_min_scale, cfg.perlin_scale):
+        raise DefectaeError(
+            f"key 'corruption.perlin_min_scale': expected 0 or a value <= corruption.perlin_scale "
+            f"({cfg.perlin_scale}) with a power of two between them, got {cfg.perlin_min_scale}"
+        )
+    check_source(cfg)
 
 
 def corrupt(
@@ -195,7 +183,7 @@ def corrupt(
     elif cfg.kind == "noise_block":
         out, mask = noise_block(x, cfg.size, cfg.count, cfg.noise_std, g)
     elif cfg.kind == "perlin":
-        out, mask = perlin(x, cfg.perlin_scale, cfg.perlin_threshold, g)
+        out, mask = perlin(x, cfg, g)
     else:
         raise ValueError(f"unknown corruption kind {cfg.kind!r}")
     keep = _rand((x.shape[0],), g, x.device) < cfg.prob  # (B,) patches that are corrupted

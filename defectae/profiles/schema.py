@@ -208,6 +208,23 @@ class CorruptionConfig:
     noise_std: float = opt(0.2, 0.0, 1.0, doc="sigma of the noise block")
     perlin_scale: int = opt(4, 1, 64, doc="Perlin grid cells per patch side")
     perlin_threshold: float = opt(0.5, 0.0, 1.0)
+    perlin_min_scale: int = opt(
+        0,
+        0,
+        64,
+        doc="smallest Perlin grid cells per side: each patch draws a power of two between this and "
+        "perlin_scale per axis, as DRAEM; 0 = always perlin_scale",
+    )
+    source: Literal["fractal", "procedural", "images", "folder", "mixed"] = opt(
+        "fractal",
+        doc="foreign texture of perlin: fractal (as before), procedural, images (the batch's), "
+        "folder (anomaly_source_dir) or mixed",
+    )
+    anomaly_source_dir: str = opt(
+        "",
+        doc="folder of images (e.g. DTD) for source folder, and mixed when set; relative paths are "
+        "relative to the current directory",
+    )
 
 
 @dataclass(frozen=True)

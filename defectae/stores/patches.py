@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from defectae import __version__
-from defectae.data.corruptions import corrupt
+from defectae.data.corruptions import check_corruption, corrupt
 from defectae.errors import DefectaeError
 from defectae.files import atomic_path, open_h5
 from defectae.profiles.schema import CorruptionConfig
@@ -186,6 +186,7 @@ class PatchDataset(Dataset):
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if batch_size < 1:
             raise DefectaeError(f"train.batch_size: expected >= 1, got {batch_size}")
+        check_corruption(corruption)
         self.path = Path(path)
         self.split = split
         self.batch_size = batch_size
