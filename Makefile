@@ -37,8 +37,9 @@ demo: install
 # Every shipped recipe, end to end on the data it is given, then one table (results/RESULTS.md and .json).
 # Magnetic Tile is read from MT_ROOT (not in this repository), trained on the DifferNet split.
 MT_ROOT ?= ../shared/data/magnetic_tile
-RECIPES ?= synthetic-ae synthetic-dae synthetic-cnnae synthetic-rd synthetic-dfr \
-  magnetic-tile-ae magnetic-tile-dae magnetic-tile-cnnae magnetic-tile-rd magnetic-tile-dfr
+RECIPES ?= synthetic-ae synthetic-dae synthetic-cnnae synthetic-rd synthetic-dfr synthetic-draem \
+  magnetic-tile-ae magnetic-tile-dae magnetic-tile-cnnae magnetic-tile-rd magnetic-tile-dfr \
+  magnetic-tile-draem
 RESULTS ?= results
 
 results: install

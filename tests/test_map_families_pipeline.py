@@ -1,5 +1,6 @@
-"""The feature-space families through the real CLI with the offline backbone: one epoch of
-training on generated texture, tile-test, score, and an export verified against eager."""
+"""The families that make their own anomaly map (feature-space ones with the offline backbone,
+draem) through the real CLI: one epoch of training on generated texture, tile-test, score, and
+an export verified against eager."""
 
 from __future__ import annotations
 
@@ -36,10 +37,15 @@ def defectae(home: Path, *args: str, code: int = 0) -> subprocess.CompletedProce
     return proc
 
 
+# settings of one family only
+OWN = {"draem": ["model.args.recon_width=4", "model.args.seg_width=4", "tile.stride=32"]}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["rd", "dfr"])
+@pytest.mark.parametrize("family", ["rd", "dfr", "draem"])
 def test_one_epoch_then_tile_test_score_and_a_verified_export(tmp_path, family):
-    profile = ["--profile", f"synthetic-{family}", *(a for s in SETS for a in ("--set", s))]
+    sets = [*SETS, *OWN.get(family, [])]
+    profile = ["--profile", f"synthetic-{family}", *(a for s in sets for a in ("--set", s))]
     defectae(tmp_path, "prepare", *profile)
     defectae(tmp_path, "augment", *profile)
     trained = json.loads(defectae(tmp_path, "train", *profile).stdout)

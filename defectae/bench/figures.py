@@ -42,6 +42,7 @@ from defectae.errors import first_line
 from defectae.export import converters
 from defectae.export.quantize import quantize_int8
 from defectae.models import build_model, get_family
+from defectae.models.backbones import FrozenEncoder
 from defectae.models.stats import count_parameters, flops_per_sample
 from defectae.profiles import CorruptionConfig, Profile, ScoreConfig
 from defectae.stores.patches import PatchDataset
@@ -218,7 +219,7 @@ def profile_figures(
     with console.progress() as bar:
         task = bar.add_task(f"{profile.name}: inference, tile-test, data", total=3)
         inference_rates(fig, model, x, plan, device)
-        if getattr(model, "maps_anomalies", False):
+        if isinstance(getattr(model, "encoder", None), FrozenEncoder):
             fig.measure("encoder_share", lambda: encoder_share(model, x, plan, device))
         bar.advance(task)
         fig.measure(TILE_KEYS, lambda: tile_figures(model, profile, plan, device))

@@ -2,7 +2,7 @@
 
 Self-contained: it builds untrained models and generates its own data in a temporary folder,
 so no prepared dataset is needed. Per profile (default: synthetic-ae, 128x128 patches at
-batch 128, and synthetic-vae8, whole 256x256 images):
+batch 128, synthetic-vae8, whole 256x256 images, and synthetic-draem, the CPU widths):
     parameters, FLOPs per patch (forward, and one training step counted the same way);
     training patches/s eager, compiled, compiled + AMP (training.throughput);
     inference patches/s eager, compiled, TorchScript, ONNX Runtime, INT8 (defectae.export);
@@ -54,7 +54,7 @@ from defectae.bench.probes import machine, matmul_peak
 from defectae.files import output_file, write_text_atomic
 from defectae.profiles import resolve, to_dict
 
-DEFAULT_PROFILES = ("synthetic-ae", "synthetic-vae8")
+DEFAULT_PROFILES = ("synthetic-ae", "synthetic-vae8", "synthetic-draem")
 DEFAULT_OUT = Path("bench") / "bench.json"
 
 FULL = Plan(
@@ -92,7 +92,7 @@ def run(
     out: Path | None = None,
     quick: bool = False,
 ) -> dict[str, Any]:
-    """Benchmark the profiles (default synthetic-ae and synthetic-vae8) and write bench.json."""
+    """Benchmark the profiles (default synthetic-ae, synthetic-vae8, synthetic-draem) and write bench.json."""
     started = time.perf_counter()
     names = list(profiles or DEFAULT_PROFILES)
     dev = devices.resolve_device(device)

@@ -198,3 +198,12 @@ def compute_losses(
             total = total + perceptual_weight * terms["perceptual"]
         terms["total"] = total
     return terms
+
+
+def focal_loss(logits: Tensor, mask: Tensor, gamma: float = 2.0) -> Tensor:
+    """Mean per-pixel focal loss -(1 - p_t)^gamma log p_t (Lin et al. 2017) of two-class logits
+    (B, 2, H, W) against a (B, 1, H, W) mask: down-weights the many easy background pixels."""
+    log_p = F.log_softmax(logits.float(), dim=1)
+    target = (mask > 0.5).long()  # (B, 1, H, W) class index
+    log_pt = log_p.gather(1, target)
+    return -((1.0 - log_pt.exp()).pow(gamma) * log_pt).mean()

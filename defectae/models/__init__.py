@@ -9,6 +9,7 @@ from defectae.models import (  # noqa: F401
     aitex_vae,
     cnnae,
     diffae,
+    draem,
     featrecon,
     resnetae,
     revdist,

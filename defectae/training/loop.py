@@ -112,8 +112,11 @@ def fit(run: Run, state: TrainState, save_first: bool) -> tuple[dict[str, float]
     log = None
     if run.main:
         n_images = min(cfg.n_log_images, val_set.num_patches)
-        images = PatchDataset(run.patches, "validation", n_images)[0]["clean"].to(dev)
-        log = RunLog(run.run_dir, state.epoch, state.step, cfg, images)
+        learns = getattr(devices.unwrap(state.model), "learns_from_corruptions", False)
+        corruption = run.profile.corruption if learns else None
+        shown = PatchDataset(run.patches, "validation", n_images, corruption, seed=cfg.seed)[0]
+        masks = shown["mask"].to(dev) if learns else None
+        log = RunLog(run.run_dir, state.epoch, state.step, cfg, shown["input"].to(dev), masks)
         console.info(
             f"{run.profile.model.family} on {dev}, {run.world} process(es), batch {cfg.batch_size}, "
             f"{steps} steps/epoch, amp {devices.amp_name(run.dtype)}, "

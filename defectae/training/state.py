@@ -12,6 +12,7 @@ from torch import nn
 
 from defectae import device as devices
 from defectae import profiles
+from defectae.errors import DefectaeError
 from defectae.models import build_model
 from defectae.profiles import Profile, TrainConfig
 from defectae.stores.checkpoint import CheckpointState, load_weights
@@ -55,6 +56,11 @@ class TrainState:
             profile.model.input_size,
             profile.model.args,
         )
+        if getattr(model, "learns_from_corruptions", False) and profile.corruption.kind == "none":
+            raise DefectaeError(
+                f"corruption.kind 'none': model.family '{profile.model.family}' learns to segment "
+                "synthetic anomalies; expected a corruption kind, e.g. 'perlin'"
+            )
         model = devices.compile_for_training(model.to(dev), compile_model, example)
         optimizer = make_optimizer(model, cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))

@@ -40,7 +40,7 @@ class Objective(nn.Module):
         self, clean: Tensor, inputs: Tensor, mask: Tensor | None, epoch: int
     ) -> dict[str, Tensor]:
         if self.own:
-            return devices.unwrap(self.model).training_losses(clean)
+            return own_losses(self.model, clean, inputs, mask)
         return self.terms(self.model(inputs), clean, mask, epoch)
 
     def terms(
@@ -63,6 +63,19 @@ class Objective(nn.Module):
         )
         tensors = itertools.chain(self.model.parameters(), self.model.buffers())
         return encoder.to(next(tensors, torch.empty(0)).device)
+
+
+def own_losses(
+    model: nn.Module, clean: Tensor, inputs: Tensor, mask: Tensor | None
+) -> dict[str, Tensor]:
+    """The loss terms of a model that trains its own objective: on the clean images, or, for a
+    model that learns from synthetic anomalies (draem), on the corrupted ones and their mask."""
+    module = devices.unwrap(model)
+    if not getattr(module, "learns_from_corruptions", False):
+        return module.training_losses(clean)
+    if mask is None:
+        mask = torch.zeros_like(clean[:, :1])
+    return module.training_losses(clean, inputs, mask)
 
 
 def loss_kwargs(loss: LossConfig) -> dict[str, Any]:
@@ -140,7 +153,7 @@ def validate(
             with devices.autocast(device, dtype):
                 out = model(x)
                 terms = (
-                    devices.unwrap(model).training_losses(x)
+                    own_losses(model, x, x, None)
                     if objective.own
                     else objective.terms(out, x, None, epoch - 1)
                 )

@@ -2,7 +2,8 @@
 
 TensorBoard tags are the metrics.jsonl keys with the first "_" as "/": train/total, val/ssim
 (the mean SSIM index), train/ssim_term (the 1 - SSIM loss term), ...; plus step/loss every
-optimizer step and, every `log_images_every` epochs, input | reconstruction grids.
+optimizer step and, every `log_images_every` epochs, a grid of the validation images (with
+synthetic anomalies for models that learn from them), their reconstructions and maps.
 """
 
 from __future__ import annotations
@@ -25,11 +26,18 @@ class RunLog:
     """metrics.jsonl (rewritten atomically each epoch) and the TensorBoard writer of a run."""
 
     def __init__(
-        self, run_dir: Path, epoch: int, step: int, cfg: TrainConfig, images: Tensor
+        self,
+        run_dir: Path,
+        epoch: int,
+        step: int,
+        cfg: TrainConfig,
+        images: Tensor,
+        masks: Tensor | None = None,
     ) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.path, self.cfg, self.images = run_dir / "metrics.jsonl", cfg, images
+        self.masks = masks  # the synthetic anomalies of `images`, for models that learn from them
         self.metrics = read_metrics(self.path, epoch)
         self.writer = SummaryWriter(
             str(run_dir / "tensorboard"), purge_step=step + 1 if step else None
@@ -43,7 +51,7 @@ class RunLog:
         """Append an epoch's record to metrics.jsonl and log it to TensorBoard."""
         self.metrics.append(record)
         write_text_atomic(self.path, "".join(json.dumps(m) + "\n" for m in self.metrics))
-        log_epoch(self.writer, record, model, self.images, dtype, self.cfg)
+        log_epoch(self.writer, record, model, self.images, dtype, self.cfg, self.masks)
 
     def close(self) -> None:
         """Flush and close the TensorBoard writer."""
@@ -61,6 +69,22 @@ def read_metrics(path: Path, upto: int) -> list[dict[str, Any]]:
     ]
 
 
+def image_rows(images: Tensor, masks: Tensor | None, out: dict[str, Tensor]) -> list[Tensor]:
+    """The rows of the logged grid: the input, the synthetic anomaly mask (models that learn from
+    them), the reconstruction (unless the model returns its input) and the anomaly map, scaled
+    to the batch's maximum."""
+    rows = [images]
+    if masks is not None:
+        rows.append(masks.expand_as(images))
+    recon = out["recon"].float().clamp(0, 1)
+    if not torch.equal(recon, images.float()):
+        rows.append(recon)
+    if "map" in out:
+        heat = out["map"].float()
+        rows.append((heat / heat.amax().clamp_min(1e-12)).expand_as(images))
+    return rows
+
+
 @torch.no_grad()
 def log_epoch(
     writer: Any,
@@ -69,8 +93,9 @@ def log_epoch(
     images: Tensor,
     dtype: torch.dtype | None,
     cfg: TrainConfig,
+    masks: Tensor | None = None,
 ) -> None:
-    """Epoch scalars, input|reconstruction grids every log_images_every epochs, optional histograms."""
+    """Epoch scalars, image grids every log_images_every epochs (see `image_rows`), optional histograms."""
     from torchvision.utils import make_grid
 
     epoch, step = record["epoch"], record["step"]
@@ -87,14 +112,11 @@ def log_epoch(
         with devices.autocast(images.device, dtype):
             out = model(images)
         model.train()
-        if "map" in out:  # feature-space models: their anomaly map, scaled to the batch's maximum
-            heat = out["map"].float()
-            second = (heat / heat.amax().clamp_min(1e-12)).expand_as(images)
-        else:
-            second = out["recon"].float().clamp(0, 1)
-        # top row input, bottom row reconstruction (or map)
         grid = make_grid(
-            torch.cat([images, second]).cpu(), nrow=images.shape[0], padding=2, pad_value=1.0
+            torch.cat(image_rows(images, masks, out)).cpu(),
+            nrow=images.shape[0],
+            padding=2,
+            pad_value=1.0,
         )
         writer.add_image("val/maps" if "map" in out else "val/reconstructions", grid, step)
     if cfg.histograms:
