@@ -286,6 +286,59 @@ def export(
 
 
 @app.command()
+def predict(
+    paths: Annotated[
+        list[str],
+        typer.Argument(
+            help="Image files, folders (searched recursively) or glob patterns.",
+            metavar="PATH",
+            show_default=False,
+        ),
+    ],
+    run: Annotated[
+        Path, typer.Option("--run", help="Run folder: its checkpoint, settings and threshold.")
+    ],
+    out: Annotated[
+        Optional[Path], typer.Option("--out", help="Output folder (default RUN/predict).")
+    ] = None,
+    checkpoint: Annotated[
+        Optional[Path],
+        typer.Option("--checkpoint", help="Checkpoint to use (default RUN/best.pt, else last.pt)."),
+    ] = None,
+    from_export: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--from-export",
+            help="Run an exported inspector.pt (TorchScript) or inspector.onnx instead.",
+        ),
+    ] = None,
+    threshold: Annotated[
+        Optional[float],
+        typer.Option(
+            "--threshold",
+            help="Pixel and image threshold (default: the label-free one of the run's last score).",
+        ),
+    ] = None,
+    allow_unfinished: AllowUnfinishedOpt = False,
+) -> None:
+    """Anomaly maps, masks, outlined overlays and verdicts for new images; exit 1 if one is unreadable."""
+    from defectae.commands import predict as command
+
+    summary = command.run(
+        run=run,
+        paths=paths,
+        out=out,
+        checkpoint=checkpoint,
+        from_export=from_export,
+        threshold=threshold,
+        allow_unfinished=allow_unfinished,
+    )
+    command.emit_line(summary)  # one line, after the images' lines
+    if summary["failed"]:
+        raise typer.Exit(1)
+
+
+@app.command()
 def bench(
     profile: Annotated[
         Optional[list[str]],
@@ -365,7 +418,8 @@ def main() -> None:
     """Console entry point: every failure is one line on stderr.
 
     Exit codes: 0 success, 2 a user error (bad input, bad usage, a file the system refused),
-    130 Ctrl-C, 1 an internal error (a bug: the traceback goes to a log file, named on the line).
+    130 Ctrl-C, 1 an internal error (a bug: the traceback goes to a log file, named on the line)
+    or, for `predict`, images it could not read (each named on its own line).
     """
     try:
         code = app(
