@@ -8,6 +8,8 @@ Two sub-networks trained together on defect-free images with synthetic anomalies
 The anomaly map is the U-Net's anomaly probability, so the inspector uses it in place of a
 pixel residual (`maps_anomalies = True`); the image score is the maximum of the smoothed map.
 The published widths are recon_width 128, seg_width 64; a CPU can train 16 and 16.
+Fully convolutional, so it may train on crops: tile-test then tiles test images at the
+training scale (a tile of the image's size is the whole image), never resizes them.
 """
 
 from __future__ import annotations
@@ -145,7 +147,6 @@ class Draem(nn.Module):
 @register(
     "draem",
     "discriminative reconstruction: a U-Net segments synthetic anomalies from the input and its reconstruction",
-    whole_image=True,
     default_size=256,
 )
 def build_draem(
