@@ -51,9 +51,9 @@ from defectae.stores.patches import open_patches
 from defectae.stores.prepared import open_prepared
 from defectae.stores.residuals import (
     open_residuals,
-    read_normalization,
     read_tile,
     read_validation_maps,
+    run_normalization,
 )
 from defectae.stores.scores import read_scored_settings
 
@@ -161,20 +161,6 @@ def _prepared_file(run: Path, profile: Profile) -> Path | None:
             candidates.append(Path(str(f.attrs["prepared"])))
     candidates.append(workspace.prepared_path(profile))
     return next((c for c in candidates if c.is_file()), None)
-
-
-def _normalization(run: Path, tile: TileConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The good-image statistics tile-test normalised the maps with (RUN/residuals.h5)."""
-    if tile.normalize == "none":
-        return None
-    residuals = run / "residuals.h5"
-    stats = read_normalization(residuals) if residuals.is_file() else None
-    if stats is None:
-        raise DefectaeError(
-            f"{residuals}: tile.normalize is '{tile.normalize}' but no normalisation statistics "
-            f"are recorded; run `defectae tile-test --run {run}` again"
-        )
-    return stats
 
 
 def test_settings(run: Path, profile: Profile) -> tuple[TileConfig, dict[str, Any]]:
@@ -451,7 +437,7 @@ def run(
     if threshold["value"] is None:
         console.warn(f"no validation threshold stored in the exports: {threshold['reason']}")
     console.info(f"export {profile.name} ({family.name}) from {ckpt}: checking on {data.source}")
-    normalization = _normalization(run, tile)
+    normalization = run_normalization(run, tile)
     job = Job(profile, ckpt, family.name, family.whole_image, threshold, tolerance, normalization)
 
     artefacts = _fp32_artefacts(job, model, formats, data)

@@ -58,7 +58,7 @@ from defectae.stores.checkpoint import (
 )
 from defectae.stores.predictions import write_csv, write_prediction
 from defectae.stores.prepared import open_prepared
-from defectae.stores.residuals import open_residuals, read_normalization, read_tile
+from defectae.stores.residuals import open_residuals, read_tile, run_normalization
 from defectae.stores.scores import read_scored_settings
 
 MAX_STEP = 16  # images per forward step at most: maps at the original size stay small in memory
@@ -246,20 +246,6 @@ def run_settings(
     return tile, {**chosen, "source": str(metrics_file)}
 
 
-def _normalization(run: Path, tile: TileConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The good-image statistics tile-test normalised the maps with (RUN/residuals.h5)."""
-    if tile.normalize == "none":
-        return None
-    residuals = run / "residuals.h5"
-    stats = read_normalization(residuals) if residuals.is_file() else None
-    if stats is None:
-        raise DefectaeError(
-            f"{residuals}: tile.normalize is '{tile.normalize}' but no normalisation statistics "
-            f"are recorded; run `defectae tile-test --run {run}` first"
-        )
-    return stats
-
-
 def _intensity(run: Path, profile: Profile) -> tuple[str, float, float]:
     """dataset.intensity and the training images' targets prepare recorded in prepared.h5."""
     mode = profile.dataset.intensity
@@ -335,7 +321,7 @@ def checkpoint_engine(model: torch.nn.Module, profile: Profile, run: Path) -> En
         patch_size=patch,
         whole_image=whole_image,
         batch_size=tile.batch_size,
-        normalization=_normalization(run, tile),
+        normalization=run_normalization(run, tile),
         **tile.inspector_options(),
     )
 

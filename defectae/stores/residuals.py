@@ -105,6 +105,21 @@ def read_normalization(path: str | Path) -> tuple[torch.Tensor, torch.Tensor] | 
         return torch.from_numpy(mean), torch.from_numpy(std)
 
 
+def run_normalization(run: Path, tile: TileConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The good-image statistics tile-test normalised a run's maps with (RUN/residuals.h5), which
+    an inspector built outside tile-test (export, predict) must reuse; None without normalisation."""
+    if tile.normalize == "none":
+        return None
+    residuals = run / "residuals.h5"
+    stats = read_normalization(residuals) if residuals.is_file() else None
+    if stats is None:
+        raise DefectaeError(
+            f"{residuals}: tile.normalize is '{tile.normalize}' but no normalisation statistics "
+            f"are recorded; run `defectae tile-test --run {run}` again"
+        )
+    return stats
+
+
 @dataclass
 class Residuals:
     """The test and validation maps of one tile-test run, held in memory."""
