@@ -489,3 +489,15 @@ def test_compile_on_trains_or_falls_back_to_eager_with_a_warning(patches, home):
         compile_model="on",
     )
     assert summary["epochs"] == 1 and summary["best_val"] < 1.0
+
+
+def test_a_ctrl_c_that_a_finalizer_swallows_is_still_remembered():
+    class Finalizer:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)  # KeyboardInterrupt inside __del__: Python drops it
+
+    before = signal.getsignal(signal.SIGINT)
+    with loop.remembered_interrupts():
+        Finalizer()
+        assert loop.INTERRUPTED.is_set()
+    assert signal.getsignal(signal.SIGINT) is before

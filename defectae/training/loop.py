@@ -33,9 +33,13 @@ Choices a reader needs:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -135,7 +139,7 @@ def fit(run: Run, state: TrainState, save_first: bool) -> tuple[dict[str, float]
             state.model, val_set[run.rank], val_batches, run.profile.loss, dev, run.dtype
         )
     try:
-        with console.progress() as bar:
+        with console.progress() as bar, remembered_interrupts():
             done = state.epoch * steps + state.epoch_step
             display = Display(bar, bar.add_task("run", total=cfg.epochs * steps, completed=done))
             val = _epochs(run, state, objective, train_set, val_loader, steps, log, clock, display)
@@ -161,6 +165,29 @@ def fit(run: Run, state: TrainState, save_first: bool) -> tuple[dict[str, float]
         console.info(_time_limit_message(run, state, steps))
     rate = log.metrics[-1]["patches_per_s"] if log is not None and log.metrics else None
     return val, rate
+
+
+INTERRUPTED = threading.Event()
+
+
+@contextlib.contextmanager
+def remembered_interrupts() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt as usual and is also remembered: one that lands in a
+    finalizer (`__del__`), where Python prints and drops it, still stops training after the step."""
+    INTERRUPTED.clear()
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        INTERRUPTED.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _epochs(
@@ -278,6 +305,8 @@ def train_epoch(
         except FloatingPointError as e:
             where = f"epoch {state.epoch} step {state.step + 1} (batch {i + 1}/{steps})"
             raise _stop_on_nan(run, state, f"{where}: loss is {e.args[0]}") from None
+        if INTERRUPTED.is_set():  # a Ctrl-C that a finalizer swallowed
+            raise KeyboardInterrupt
         state.step += 1
         state.scheduler.step()
         done = i + 1
