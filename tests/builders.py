@@ -1,7 +1,11 @@
-"""Small artefacts several test files need: an untrained checkpoint in a run folder."""
+"""Small artefacts several test files need: an untrained checkpoint in a run folder, the CLI as
+users run it."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -55,3 +59,12 @@ def good_split(images: np.ndarray) -> PreparedSplit:
         files=[f"good/{i:03d}.png" for i in range(n)],
         orig_sizes=np.full((n, 2), h, np.int32),
     )
+
+
+def defectae(home: Path, *args: str, code: int = 0) -> subprocess.CompletedProcess:
+    """The installed console script, as users run it, with --json and DEFECTAE_HOME=home."""
+    cmd = [str(Path(sys.executable).with_name("defectae")), "--json", *args]
+    env = {**os.environ, "DEFECTAE_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == code, proc.stderr
+    return proc

@@ -5,14 +5,11 @@ an export verified against eager."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
 import pytest
-from builders import TINY_SYNTHETIC
+from builders import TINY_SYNTHETIC, defectae
 
 SETS = [
     *TINY_SYNTHETIC,
@@ -26,15 +23,6 @@ SETS = [
     "train.num_workers=0",
     "tile.normalize=none",  # raw maps, to check they are the model's (positive) distances
 ]
-
-
-def defectae(home: Path, *args: str, code: int = 0) -> subprocess.CompletedProcess:
-    """The installed console script, as users run it."""
-    cmd = [str(Path(sys.executable).with_name("defectae")), "--json", *args]
-    env = {**os.environ, "DEFECTAE_HOME": str(home), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == code, proc.stderr
-    return proc
 
 
 # settings of one family only

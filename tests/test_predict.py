@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from builders import TINY_SYNTHETIC
+from builders import TINY_SYNTHETIC, defectae
 from PIL import Image
 
 pytestmark = pytest.mark.slow
@@ -37,15 +35,6 @@ SETS = [
     "tile.amp=off",  # the fp32 maps the exports reproduce
 ]
 PROFILE = ["--profile", "synthetic-ae", *(a for s in SETS for a in ("--set", s))]
-
-
-def defectae(home: Path, *args: str, code: int = 0) -> subprocess.CompletedProcess:
-    """The installed console script, as users run it."""
-    cmd = [str(Path(sys.executable).with_name("defectae")), "--json", *args]
-    env = {**os.environ, "DEFECTAE_HOME": str(home), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == code, proc.stderr
-    return proc
 
 
 def lines(proc: subprocess.CompletedProcess) -> tuple[list[dict], dict]:
