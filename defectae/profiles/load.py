@@ -15,6 +15,7 @@ import os
 import sys
 import types
 import typing
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -39,7 +40,7 @@ def profile_dirs() -> list[Path]:
     if env := os.environ.get("DEFECTAE_PROFILES"):
         dirs += [Path(p) for p in env.split(os.pathsep) if p]
     dirs.append(Path.cwd() / "profiles")
-    dirs.append(Path(__file__).resolve().parents[2] / "profiles")
+    dirs.append(shipped_dir())
     seen, unique = set(), []
     for d in dirs:
         key = d.resolve()
@@ -47,6 +48,14 @@ def profile_dirs() -> list[Path]:
             seen.add(key)
             unique.append(d)
     return unique
+
+
+def shipped_dir() -> Path:
+    """The profiles that ship with defectae: package data of a wheel, else a checkout's profiles/."""
+    packaged = resources.files("defectae") / "_profiles"
+    if isinstance(packaged, Path) and packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "profiles"
 
 
 def _find(kind: str, name: str) -> Path | None:
