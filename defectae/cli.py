@@ -97,21 +97,27 @@ def prepare(
     sha256: Annotated[
         Optional[str], typer.Option("--sha256", help="Expected SHA-256 of the archive.")
     ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="List and split only, write nothing; exit 1 on a problem."),
+    ] = False,
 ) -> None:
     """Read a dataset and write one prepared HDF5 file (train / validation / test with masks)."""
     from defectae.commands import prepare as command
 
-    _done(
-        command.run(
-            profile=profile,
-            sets=sets or [],
-            root=root,
-            out=out,
-            synthetic=synthetic,
-            download=download,
-            sha256=sha256,
-        )
+    summary = command.run(
+        profile=profile,
+        sets=sets or [],
+        root=root,
+        out=out,
+        synthetic=synthetic,
+        download=download,
+        sha256=sha256,
+        dry_run=dry_run,
     )
+    _done(summary)
+    if summary.get("problems"):
+        raise typer.Exit(1)
 
 
 @app.command()

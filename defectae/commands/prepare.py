@@ -14,7 +14,9 @@ the workspace ($DEFECTAE_HOME), like every other generated output.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import typing
 from collections import Counter
 from pathlib import Path
@@ -35,8 +37,10 @@ from defectae.data.images import (
     short_side_size,
 )
 from defectae.data.lighting import intensity_targets, normalise_intensity
+from defectae.data.manifest import list_manifest
 from defectae.data.mvtec import list_mvtec, list_mvtec3d
-from defectae.data.split import Listing, Sample, assign_splits
+from defectae.data.patterns import list_patterns
+from defectae.data.split import Listing, Sample, SplitPlan, assign_splits, survey
 from defectae.errors import DefectaeError
 from defectae.files import output_file, write_text_atomic
 from defectae.profiles import DatasetConfig, Profile
@@ -91,6 +95,10 @@ def list_dataset(ds: DatasetConfig, root: Path) -> Listing:
         from defectae.data.aitex import list_aitex  # needs torch (the shared tiling): import on use
 
         return list_aitex(root, ds)
+    if ds.layout == "manifest":
+        return list_manifest(root, ds.manifest)
+    if ds.layout == "patterns":
+        return list_patterns(root, ds.patterns)
     return list_folders(root, ds.folders)
 
 
@@ -299,9 +307,15 @@ def run(
     synthetic: str | None,
     download: str | None,
     sha256: str | None,
+    dry_run: bool = False,
 ) -> dict[str, Any]:
-    """Prepare the profile's dataset into one HDF5 file and return the --json summary."""
+    """Prepare the profile's dataset into one HDF5 file and return the --json summary;
+    with `dry_run`, list and split only, write nothing, and report what was found."""
     prof = resolve_profile(profile, sets, root, synthetic)
+    if dry_run and (download is not None or prof.dataset.layout == "synthetic"):
+        raise DefectaeError(
+            "--dry-run: lists a dataset on disk; a synthetic or downloaded one is written first"
+        )
     if sha256 is not None and download is None:
         raise DefectaeError("--sha256: only used with --download URL")
     if download is not None:
@@ -317,9 +331,18 @@ def run(
         prof = _with_dataset(prof, root=str(data_root))
         ds = prof.dataset
 
+    if dry_run:
+        return dry_run_report(prof, data_root)
     out = output_file(out if out is not None else workspace.prepared_path(prof))
     listing = list_dataset(ds, data_root)
-    samples = assign_splits(listing, ds, ds.layout)
+    plan = assign_splits(listing, ds, ds.layout)
+    problems = listing.problems + survey(plan.splits).problems
+    if problems:
+        more = (
+            f" (and {len(problems) - 1} more: see prepare --dry-run)" if len(problems) > 1 else ""
+        )
+        raise DefectaeError(problems[0] + more)
+    samples = plan.splits
     size = _prepared_size(samples, ds)
     reader = _Reader(ds, size)
     splits: dict[str, PreparedSplit] = {}
@@ -361,6 +384,13 @@ def run(
     write_prepared(out, splits, attrs)
     profile_path = out.with_name(f"{out.stem}.profile.toml")
     write_text_atomic(profile_path, profiles.to_toml(prof))
+    splits_path = out.with_name(f"{out.stem}.splits.csv")
+    write_text_atomic(splits_path, splits_csv(plan))
+    if plan.left_out:
+        console.warn(
+            f"{len(plan.left_out)} defective image(s) of train/validation groups were left out "
+            f'(dataset.defective_groups = "split"); see {splits_path}'
+        )
     _warn_sizes(splits, size, ds.resize)
     if empty_masks:
         console.warn(
@@ -372,6 +402,7 @@ def run(
         "out": str(out),
         "profile": prof.name,
         "profile_file": str(profile_path),
+        "splits_file": str(splits_path),
         "layout": ds.layout,
         "source": ds.root,
         "image_size": list(size),
@@ -379,6 +410,79 @@ def run(
         "splits": counts,
         "defect_types": defect_types,
         "empty_defect_masks": len(empty_masks),
+        "groups": plan.groups,
+        "left_out": len(plan.left_out),
     }
     _show(summary, splits)
     return summary
+
+
+def splits_csv(plan: SplitPlan) -> str:
+    """The split file: one row per image (file, split, group, label, defect_type)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["file", "split", "group", "label", "defect_type"])
+    placed = [(name, s) for name in SPLITS for s in plan.splits[name]]
+    placed += [("left_out", s) for s in plan.left_out]
+    rows = {(s.file, name, s.group, s.label, s.defect_type): None for name, s in placed}
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def dry_run_report(prof: Profile, data_root: Path) -> dict[str, Any]:
+    """List and split without writing: counts per split and type, example pairs, the sizes
+    and modes in the file headers, and one line per problem found."""
+    ds = prof.dataset
+    listing = list_dataset(ds, data_root)
+    plan = assign_splits(listing, ds, ds.layout)
+    found = survey(plan.splits)
+    counts = {
+        name: dict(sorted(Counter(s.defect_type for s in plan.splits[name]).items()))
+        for name in SPLITS
+    }
+    with_masks = sorted(
+        (s for name in SPLITS for s in plan.splits[name] if s.masks), key=lambda s: -s.label
+    )
+    examples = [
+        {"image": str(s.path), "mask": str(s.masks[0]), "defect_type": s.defect_type}
+        for s in with_masks[:3]
+    ]
+    problems = listing.problems + found.problems
+    summary = {
+        "dry_run": True,
+        "profile": prof.name,
+        "layout": ds.layout,
+        "source": ds.root,
+        "counts": counts,
+        "groups": plan.groups,
+        "left_out": len(plan.left_out),
+        "examples": examples,
+        "sizes": found.sizes,
+        "problems": problems,
+    }
+    _show_dry_run(summary)
+    return summary
+
+
+def _show_dry_run(summary: dict[str, Any]) -> None:
+    table = Table(
+        title=f"dry run: {summary['source']} ({summary['layout']}, {summary['groups']} groups)"
+    )
+    table.add_column("split")
+    table.add_column("images", justify="right")
+    table.add_column("by defect type")
+    for name, kinds in summary["counts"].items():
+        detail = ", ".join(f"{k} {n}" for k, n in kinds.items())
+        table.add_row(name, str(sum(kinds.values())), detail)
+    console.show(table)
+    for ex in summary["examples"]:
+        console.info(f"  {ex['image']} -> {ex['mask']} ({ex['defect_type']})")
+    console.info("sizes and modes: " + ", ".join(f"{k} ({n})" for k, n in summary["sizes"].items()))
+    if summary["left_out"]:
+        console.warn(
+            f"{summary['left_out']} defective image(s) would be left out of train/validation"
+        )
+    for line in summary["problems"]:
+        console.error(line)
+    if not summary["problems"]:
+        console.info("no problems found; nothing was written")

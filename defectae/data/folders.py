@@ -8,20 +8,29 @@
 
 Defective images need a mask; good images may have one (then it must be all-zero).
 The Magnetic Tile set is this layout: MT_Free/Imgs, MT_<Type>/Imgs, mask = same stem .png.
+
+With label_from_mask the masks decide instead, in every folder: an image without a mask or with
+an all-zero one is good, any other is defective, its type from type_pattern (a regex on the
+file name), default_type, or the folder name.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from defectae.data.split import (
     Listing,
     Sample,
+    defect_type_of,
     image_files,
+    mask_is_defective,
     match_masks,
     relative,
     require_dir,
+    sample_name,
     subdirs,
+    type_pattern,
 )
 from defectae.errors import DefectaeError
 from defectae.profiles.schema import FoldersOptions
@@ -77,6 +86,8 @@ def list_folders(root: Path, opts: FoldersOptions) -> Listing:
     def suffix(p: Path) -> str:
         return f"{p.stem}{opts.mask_suffix}{opts.mask_ext}"
 
+    if opts.label_from_mask:
+        return _by_mask(root, opts, defect_dirs, suffix)
     pool: list[Sample] = []
     images, masks, mask_dir = _folder(root, opts, opts.good_dir)
     for img, mask in match_masks(
@@ -86,6 +97,11 @@ def list_folders(root: Path, opts: FoldersOptions) -> Listing:
 
     test: list[Sample] = []
     seen: dict[str, str] = {}
+    pattern = type_pattern(opts.type_pattern, "dataset.folders.type_pattern")
+
+    def type_of(img: Path, fallback: str) -> str:
+        return defect_type_of(img, pattern, fallback, "dataset.folders.type_pattern")
+
     for folder in defect_dirs:
         kind = defect_type(folder, opts.type_prefix)
         if kind == GOOD or kind in seen:
@@ -97,9 +113,34 @@ def list_folders(root: Path, opts: FoldersOptions) -> Listing:
         images, masks, mask_dir = _folder(root, opts, folder)
         pairs = match_masks(images, lambda p, d=mask_dir: d / suffix(p), masks, required=True)
         test += [
-            Sample(img, (m,), kind, 1, img.stem, relative(img, root))
+            Sample(
+                img, (m,), type_of(img, opts.default_type or kind), 1, img.stem, relative(img, root)
+            )
             for img, m in pairs.items()
             if m
         ]
     pool_dir = str(root / opts.good_dir / opts.image_subdir)
     return Listing(pool=pool, test=test, pool_dir=pool_dir, holdout_test_good=True)
+
+
+def _by_mask(
+    root: Path, opts: FoldersOptions, defect_dirs: list[str], suffix: Callable[[Path], str]
+) -> Listing:
+    """Every folder's images labelled by their masks (label_from_mask)."""
+    pattern = type_pattern(opts.type_pattern, "dataset.folders.type_pattern")
+    folders = [opts.good_dir] if (root / opts.good_dir).is_dir() else []
+    pool: list[Sample] = []
+    test: list[Sample] = []
+    for folder in folders + [d for d in defect_dirs if d != opts.good_dir]:
+        kind = defect_type(folder, opts.type_prefix)
+        fallback = opts.default_type or (kind if kind != GOOD else "defect")
+        images, masks, mask_dir = _folder(root, opts, folder)
+        pairs = match_masks(images, lambda p, d=mask_dir: d / suffix(p), masks, required=False)
+        for img, mask in pairs.items():
+            file, masks_of = relative(img, root), (mask,) if mask else ()
+            if mask_is_defective(mask):
+                kind_of = defect_type_of(img, pattern, fallback, "dataset.folders.type_pattern")
+                test.append(Sample(img, masks_of, kind_of, 1, sample_name(file), file))
+            else:
+                pool.append(Sample(img, masks_of, GOOD, 0, sample_name(file), file))
+    return Listing(pool=pool, test=test, pool_dir=str(root), holdout_test_good=True)

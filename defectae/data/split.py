@@ -3,18 +3,23 @@
 A layout lists a `Listing`: the pool of defect-free images that may be used for training,
 the test images, and a fixed validation set where the dataset ships one. `assign_splits`
 turns it into three lists using the dataset profile (train_list, val_list, val_fraction,
-test_fraction, seed). The unit of splitting is the source image (`group`), so tiles cut
-from one image never land on both sides of a split.
+test_fraction, seed, defective_groups). The unit of splitting is the group: the source image
+by default, so tiles cut from one image never land on both sides of a split, or a set of
+images a layout names (the views of one part, one folder).
 """
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
+from defectae.data.images import read_mask
 from defectae.errors import DefectaeError
 from defectae.profiles.schema import DatasetConfig
 
@@ -33,11 +38,12 @@ class Sample:
     file: str  # image path relative to the dataset root
     box: tuple[int, int, int, int] | None = None  # tile (top, left, height, width) in the image
     label_from_mask: bool = False  # tiles of defect images: defective only where the mask is
+    group_key: str = ""  # images sharing a key are never split apart; empty = the file alone
 
     @property
     def group(self) -> str:
-        """The source image: the unit that is never split."""
-        return self.file
+        """The unit that is never split: the layout's group, else the source image."""
+        return self.group_key or self.file
 
 
 @dataclass
@@ -50,6 +56,17 @@ class Listing:
     pool_dir: str = ""  # where the pool came from, for error messages
     holdout_test_good: bool = False  # no test-good images on disk: hold some out of the pool
     notes: list[str] = field(default_factory=list)
+    fixed: dict[str, str] = field(default_factory=dict)  # group -> split the dataset names
+    problems: list[str] = field(default_factory=list)  # one line per file that cannot be used
+
+
+@dataclass
+class SplitPlan:
+    """The three splits, and the defective images that grouping left out of all of them."""
+
+    splits: dict[str, list[Sample]]
+    left_out: list[Sample]
+    groups: int  # groups that were split
 
 
 def require_dir(path: Path, what: str) -> Path:
@@ -100,6 +117,39 @@ def match_masks(
         if mask.resolve() not in used:
             raise DefectaeError(f"{mask}: mask without its image")
     return pairs
+
+
+def mask_is_defective(path: Path | None) -> bool:
+    """Whether an image is defective by its mask: absent or all-zero = good."""
+    return path is not None and bool(read_mask(path).any())
+
+
+def type_pattern(pattern: str, key: str) -> re.Pattern[str] | None:
+    """The compiled defect-type regex of `key`; it must have a named group 'type'."""
+    if not pattern:
+        return None
+    try:
+        compiled = re.compile(pattern)
+    except re.error as e:
+        raise DefectaeError(f"{key} '{pattern}': not a regular expression ({e})") from None
+    if "type" not in compiled.groupindex:
+        raise DefectaeError(f"{key} '{pattern}': expected a named group (?P<type>...)")
+    return compiled
+
+
+def defect_type_of(path: Path, pattern: re.Pattern[str] | None, fallback: str, key: str) -> str:
+    """A defective image's type: the regex's group 'type' in its file name, else `fallback`."""
+    if pattern is None:
+        return fallback
+    m = pattern.search(path.name)
+    if m is None or not m.group("type"):
+        raise DefectaeError(f"{path}: file name does not match {key} '{pattern.pattern}'")
+    return m.group("type").lower()
+
+
+def sample_name(file: str) -> str:
+    """A stored name unique within the dataset: the relative path without suffix, '/' as '_'."""
+    return Path(file).with_suffix("").as_posix().replace("/", "_")
 
 
 def read_name_list(path: str, key: str) -> list[str]:
@@ -153,49 +203,144 @@ def _take(groups: list[str], fraction: float, rng: np.random.Generator) -> set[s
     return {groups[i] for i in order[:n]}
 
 
-def assign_splits(listing: Listing, cfg: DatasetConfig, layout: str) -> dict[str, list[Sample]]:
-    """Split a listing into train / validation / test, deterministically from `cfg.seed`."""
-    rng = np.random.default_rng(cfg.seed)
-    groups = sorted({s.group for s in listing.pool})
-    test = list(listing.test)
+def _fixed_defects(listing: Listing, where: str) -> None:
+    """A group the dataset puts in train or validation may not hold a defective image."""
+    for s in listing.test:
+        split = listing.fixed.get(s.group, "test")
+        if split != "test":
+            raise DefectaeError(
+                f"{where}: group '{s.group}' is in the {split} split but holds the defective "
+                f'image {s.file}; expected test, or dataset.defective_groups = "split"'
+            )
+
+
+def _place(
+    free: list[str], listing: Listing, cfg: DatasetConfig, layout: str, rng: np.random.Generator
+) -> dict[str, str]:
+    """The split of each group the dataset does not place itself: held-out test-good first
+    (train_list or test_fraction), then validation (val_list or val_fraction), the rest train."""
+    where = listing.pool_dir
     if cfg.train_list:
         names = read_name_list(cfg.train_list, "dataset.train_list")
-        trainable = _select(names, groups, cfg.train_list, listing.pool_dir)
+        held = set(free) - _select(names, free, cfg.train_list, where)
     elif listing.holdout_test_good:
-        trainable = set(groups) - _take(groups, cfg.test_fraction, rng)
+        held = _take(free, cfg.test_fraction, rng)
     else:
-        trainable = set(groups)
-    test_good = [s for s in listing.pool if s.group not in trainable]
-    test = test_good + test
-    candidates = [g for g in groups if g in trainable]
-
+        held = set()
+    candidates = [g for g in free if g not in held]
     if listing.validation is not None:
         if cfg.val_list:
             raise DefectaeError(
                 f"dataset.val_list: layout '{layout}' ships its own validation images; leave val_list empty"
             )
-        val_groups: set[str] = set()
-        validation = list(listing.validation)
+        val: set[str] = set()
+    elif cfg.val_list:
+        names = read_name_list(cfg.val_list, "dataset.val_list")
+        val = _select(names, candidates, cfg.val_list, f"the training images of {where}")
     else:
-        if cfg.val_list:
-            names = read_name_list(cfg.val_list, "dataset.val_list")
-            val_groups = _select(
-                names, candidates, cfg.val_list, f"the training images of {listing.pool_dir}"
-            )
-        else:
-            val_groups = _take(candidates, cfg.val_fraction, rng)
-        validation = [s for s in listing.pool if s.group in val_groups]
-    train = [s for s in listing.pool if s.group in trainable and s.group not in val_groups]
+        val = _take(candidates, cfg.val_fraction, rng)
+    return {g: "test" if g in held else "validation" if g in val else "train" for g in free}
 
+
+def assign_splits(listing: Listing, cfg: DatasetConfig, layout: str) -> SplitPlan:
+    """Split a listing into train / validation / test by groups, deterministically from `cfg.seed`.
+
+    A group holding a defective image goes to test (dataset.defective_groups = "test"), or is
+    split like the others with its defective images left out of train and validation ("split").
+    """
+    rng = np.random.default_rng(cfg.seed)
     where = listing.pool_dir or "the dataset"
-    if not train:
+    keep_apart = cfg.defective_groups == "split"
+    if not keep_apart:
+        _fixed_defects(listing, where)
+    defective = {s.group for s in listing.test}
+    pool = [s for s in listing.pool if keep_apart or s.group not in defective]
+    test_good = [s for s in listing.pool if not keep_apart and s.group in defective]
+    groups = sorted({s.group for s in pool})
+    split_of = {g: listing.fixed[g] for g in groups if g in listing.fixed}
+    split_of |= _place([g for g in groups if g not in listing.fixed], listing, cfg, layout, rng)
+
+    splits: dict[str, list[Sample]] = {"train": [], "validation": [], "test": test_good}
+    splits["validation"] += listing.validation or []
+    for s in pool:
+        splits[split_of[s.group]].append(s)
+    left_out = []
+    for s in listing.test:
+        if split_of.get(s.group, "test") == "test":
+            splits["test"].append(s)
+        else:
+            left_out.append(s)
+
+    n = len(groups)
+    if not splits["train"]:
         raise DefectaeError(
-            f"{where}: the training split is empty; expected defect-free training images"
+            f"{where}: the training split is empty after splitting {n} group(s); "
+            "expected defect-free training images"
         )
-    if not validation:
+    if not splits["validation"]:
         raise DefectaeError(
-            f"{where}: the validation split is empty; set dataset.val_fraction > 0 or dataset.val_list"
+            f"{where}: the validation split is empty after splitting {n} group(s); "
+            "set dataset.val_fraction > 0 or dataset.val_list, or give more groups"
         )
-    if not test:
-        raise DefectaeError(f"{where}: the test split is empty; expected test images")
-    return {"train": train, "validation": validation, "test": test}
+    if not splits["test"]:
+        raise DefectaeError(
+            f"{where}: the test split is empty after splitting {n} group(s); expected test images"
+        )
+    return SplitPlan(splits, left_out, n)
+
+
+@dataclass
+class Survey:
+    """What the file headers say: one problem line per file, and the sizes and modes found."""
+
+    problems: list[str]
+    sizes: dict[str, int]  # "HxW MODE" -> images
+
+
+def _header(path: Path) -> tuple[int, int, str]:
+    """(H, W, mode) from an image file's header, without decoding its pixels."""
+    with Image.open(path) as img:
+        w, h = img.size
+        return h, w, img.mode
+
+
+def survey(splits: dict[str, list[Sample]]) -> Survey:
+    """Check every sample from the file headers: unreadable files, masks whose size is not
+    their image's, and two images of one split stored under one name and type."""
+    problems: list[str] = []
+    headers: dict[Path, tuple[int, int, str] | None] = {}
+
+    def header(path: Path) -> tuple[int, int, str] | None:
+        if path not in headers:
+            try:
+                headers[path] = _header(path)
+            except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+                headers[path] = None
+                problems.append(f"{path}: unreadable or truncated image ({e})")
+        return headers[path]
+
+    sizes: Counter[str] = Counter()
+    checked: set[tuple[Path, tuple[Path, ...]]] = set()
+    for split, samples in splits.items():
+        names: dict[tuple[str, str], str] = {}
+        for s in samples:
+            other = names.setdefault((s.defect_type, s.name), s.file)
+            if other != s.file:
+                problems.append(
+                    f"{s.file}: same name '{s.name}' ({s.defect_type}) as {other} in the {split} split"
+                )
+            if (s.path, s.masks) in checked:
+                continue
+            checked.add((s.path, s.masks))
+            found = header(s.path)
+            if found is None:
+                continue
+            h, w, mode = found
+            sizes[f"{h}x{w} {mode}"] += 1
+            for mask in s.masks:
+                m = header(mask)
+                if m is not None and m[:2] != (h, w):
+                    problems.append(
+                        f"{mask}: mask is {m[0]}x{m[1]} but its image {s.path} is {h}x{w}"
+                    )
+    return Survey(problems, dict(sorted(sizes.items())))

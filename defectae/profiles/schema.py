@@ -42,6 +42,52 @@ class FoldersOptions:
     type_prefix: str = opt(
         "", doc="prefix stripped from folder names to give the defect type (e.g. MT_)"
     )
+    label_from_mask: bool = opt(
+        False,
+        doc="good or defective per image from its mask (absent or all-zero = good), in every folder",
+    )
+    type_pattern: str = opt(
+        "", doc="regex with a named group 'type' searched in the file name: the defect type"
+    )
+    default_type: str = opt(
+        "", doc="defect type of every defective image; empty = the folder name (or type_pattern)"
+    )
+
+
+@dataclass(frozen=True)
+class ManifestOptions:
+    """A CSV or JSON-lines file with one row per image: image, mask, label, split, group."""
+
+    file: str = opt(
+        "labels.csv", doc="manifest (.csv with a header row, or .jsonl), relative to root"
+    )
+    types: list[str] = opt([], doc="allowed defect type labels; empty = any")
+    default_type: str = opt("defect", doc="type of a row labelled defective by its mask alone")
+
+
+@dataclass(frozen=True)
+class PatternsOptions:
+    """Images found by glob patterns in nested folders, masks by a name template."""
+
+    images: list[str] = opt([], doc="glob patterns relative to root (e.g. ['kos*/Part*.jpg'])")
+    mask: str = opt(
+        "",
+        doc="mask path relative to the image's folder, with {stem} {name} {parent} {dir} "
+        "(e.g. '{stem}_label.bmp'); empty = no masks",
+    )
+    label_from_mask: bool = opt(
+        True, doc="defective when the mask has a non-zero pixel; false = from the folder name"
+    )
+    type_pattern: str = opt(
+        "", doc="regex with a named group 'type' searched in the file name: the defect type"
+    )
+    default_type: str = opt("defect", doc="defect type of a defective image without type_pattern")
+    group: str = opt(
+        "none",
+        doc="images never split apart: 'folder' (same folder), 'none' (each image alone) or a "
+        "regex searched in the path (its group 'group', else the whole match)",
+    )
+    image_exts: list[str] = opt([".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"])
 
 
 @dataclass(frozen=True)
@@ -75,7 +121,9 @@ class DatasetConfig:
     """Where a dataset lives, how it is laid out, and how it is split and resized."""
 
     name: str = opt("", doc="dataset profile name (filled in by the loader)")
-    layout: Literal["mvtec", "mvtec3d", "aitex", "folders", "synthetic"] = opt("mvtec")
+    layout: Literal["mvtec", "mvtec3d", "aitex", "folders", "synthetic", "manifest", "patterns"] = (
+        opt("mvtec")
+    )
     root: str = opt("", doc="dataset folder; relative paths are relative to the current directory")
     category: str = opt("", doc="MVTec category folder under root (empty = root is the category)")
     image_size: tuple[int, int] = opt((256, 256), 8, 8192, doc="[H, W] every image is resized to")
@@ -101,14 +149,22 @@ class DatasetConfig:
         0.2,
         0.0,
         0.9,
-        doc="folders layout without train_list: share of good images held out as test-good",
+        doc="folders, manifest and patterns layouts without train_list: share of good images "
+        "(groups) held out as test-good",
     )
     seed: int = opt(0, 0, None)
+    defective_groups: Literal["test", "split"] = opt(
+        "test",
+        doc="a group holding a defective image: all to test, or split by fraction like the rest "
+        "(its defective images left out of train and validation)",
+    )
     download_url: str = opt("", doc="archive URL for `prepare --download` (users with internet)")
     download_sha256: str = opt("", doc="expected SHA-256 of the archive")
     folders: FoldersOptions = opt(FoldersOptions())
     aitex: AitexOptions = opt(AitexOptions())
     synthetic: SyntheticOptions = opt(SyntheticOptions())
+    manifest: ManifestOptions = opt(ManifestOptions())
+    patterns: PatternsOptions = opt(PatternsOptions())
 
     @property
     def channels(self) -> int:
