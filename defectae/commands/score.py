@@ -14,6 +14,7 @@ threshold (from validation maps), panels and the Rádli protocol stay on the pre
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import typing
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +45,7 @@ from defectae.stores.residuals import Residuals, open_residuals, read_residuals
 from defectae.stores.scores import write_metrics
 
 RESOLUTIONS = typing.get_args(typing.get_type_hints(ScoreConfig)["resolution"])
+NO_MASKS = "the dataset has no masks: no defective test image has a mask pixel"
 
 
 def run(
@@ -106,11 +108,15 @@ def run(
         protocol=protocol,
         grid=(res.maps, masks),
     )
+    coverage = mask_coverage(res.labels, px_masks)
+    if coverage["defective_images"] and coverage["without_mask"] == coverage["defective_images"]:
+        results = without_pixel_metrics(results, NO_MASKS)
     del px_maps, px_masks  # at the original resolution, large; the rest needs the grid only
     out_dir = output_dir(
         out or (run_dir / "score" if run_dir is not None else residuals_path.parent / "score")
     )
     summary = _summary(res, results, cfg, protocol, resolution_json, truth, profile)
+    summary["ground_truth_masks"] = coverage
     summary["figures"] = report.write_curves(out_dir, results, cfg.pro_max_fpr)
     entries, note = _write_panels(out_dir, res, masks, prepared, results, cfg)
     metrics_json = out_dir / "metrics.json"
@@ -125,7 +131,10 @@ def run(
         for name, reason in col["undefined"].items():
             undefined.setdefault((report.METRIC_LABELS.get(name, name), reason), []).append(column)
     for (label, reason), columns in undefined.items():
-        console.info(f"{label}: undefined ({reason}) in {', '.join(columns)}")
+        if reason != NO_MASKS:  # said once, for every pixel metric, just below
+            console.info(f"{label}: undefined ({reason}) in {', '.join(columns)}")
+    if coverage["without_mask"]:
+        console.warn(coverage["note"])
     console.info(f"report: {index}")
     return {
         **summary,
@@ -339,6 +348,40 @@ def _pixel_inputs(
     return upsample_maps(res.maps, original.sizes), original, info
 
 
+# ----------------------------------------------------------------------------- masks
+
+
+def mask_coverage(labels: np.ndarray, masks: np.ndarray | Ragged) -> dict[str, Any]:
+    """How many defective test images have no mask pixel (image-level labels only), for
+    metrics.json: such images' pixels count as defect-free in the pixel metrics."""
+    defective = np.flatnonzero(np.asarray(labels, bool))
+    missing = sum(not masks[int(i)].any() for i in defective)
+    coverage: dict[str, Any] = {"defective_images": len(defective), "without_mask": missing}
+    if missing == len(defective) and missing:
+        coverage["note"] = f"pixel metrics undefined: {NO_MASKS}; image metrics only"
+    elif missing:
+        coverage["note"] = (
+            f"{missing} of {len(defective)} defective test images have no mask pixel; "
+            "their pixels count as defect-free in the pixel metrics"
+        )
+    return coverage
+
+
+def without_pixel_metrics(results: metrics.ScoreResults, reason: str) -> metrics.ScoreResults:
+    """The results with every pixel metric (overall and per type) undefined for `reason`."""
+
+    def drop(metric_set: metrics.MetricSet) -> metrics.MetricSet:
+        return {
+            name: metrics.Metric.undefined(reason)
+            if name.startswith("pixel_") or name == "radli_auc"
+            else m
+            for name, m in metric_set.items()
+        }
+
+    per_type = {t: drop(m) for t, m in results.per_type.items()}
+    return dataclasses.replace(results, metrics=drop(results.metrics), per_type=per_type)
+
+
 # ----------------------------------------------------------------------------- outputs
 
 
@@ -463,7 +506,9 @@ def metrics_table(summary: dict[str, Any]) -> Table:
     columns = [("overall", summary)] + list(summary["per_type"].items())
     table = Table(
         title=f"score: {summary.get('profile') or summary['residuals']} ({summary['protocol']})",
-        caption=f"pixel metrics at resolution: {report.format_resolution(summary)}",
+        caption=f"pixel metrics undefined (—): {NO_MASKS}"
+        if NO_MASKS in summary["undefined"].values()
+        else f"pixel metrics at resolution: {report.format_resolution(summary)}",
     )
     table.add_column("metric", no_wrap=True)
     for name, col in columns:
