@@ -31,6 +31,9 @@ METRIC_LABELS = {
     "image_f1_threshold": "image F1 thr",
     "image_f1_precision": "image precision @F1",
     "image_f1_recall": "image recall @F1",
+    "latent_image_auroc": "latent image AUROC",
+    "latent_image_auprc": "latent image AUPRC",
+    "latent_image_f1_max": "latent image F1-max",
     "pixel_auroc": "pixel AUROC",
     "pixel_auprc": "pixel AUPRC",
     "pixel_aupro": "pixel AU-PRO",
@@ -145,6 +148,56 @@ def _curve(
     path = out_dir / f"{name}.png"
     _save(fig, path)
     written[name] = path.name
+
+
+# ----------------------------------------------------------------------------- latent (VAEs)
+
+
+def write_latent_pca(
+    path: Path,
+    test: np.ndarray,
+    types: Sequence[str],
+    train: np.ndarray,
+    explained: np.ndarray,
+    note: str,
+) -> None:
+    """Scatter of the test images' codes in 2-D PCA (test: (N, 2)), one colour per defect type,
+    with the good training codes (train: (K, 2)) in light grey behind them."""
+    fig = Figure(figsize=(5.5, 4.6))
+    ax = fig.subplots()
+    if len(train):
+        ax.scatter(train[:, 0], train[:, 1], s=10, color="0.8", label="train (good)")
+    kinds = np.asarray(types)
+    for t in sorted(set(types), key=lambda t: (t != "good", t)):
+        sel = kinds == t
+        ax.scatter(test[sel, 0], test[sel, 1], s=18, label=f"{t} ({int(sel.sum())})")
+    ax.set(
+        xlabel=f"PC 1 ({explained[0]:.0%} of the test codes' variance)",
+        ylabel=f"PC 2 ({explained[1]:.0%})",
+        title=f"latent means, PCA of the test images ({note})",
+    )
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def write_prior_grid(path: Path, samples: np.ndarray, columns: int = 4) -> None:
+    """Decoded prior samples (S, C, P, P) uint8 as one PNG grid, small tiles enlarged to 96 px."""
+    tiles = [_rgb(s) for s in samples]
+    p = tiles[0].shape[0]
+    scale = max(1, 96 // p)
+    gap, rows = 2, -(-len(tiles) // columns)
+    side = p * scale
+    canvas = Image.new(
+        "RGB", (columns * (side + gap) - gap, rows * (side + gap) - gap), (32, 32, 32)
+    )
+    for k, tile in enumerate(tiles):
+        image = Image.fromarray(tile).resize((side, side), Image.Resampling.NEAREST)
+        canvas.paste(image, ((k % columns) * (side + gap), (k // columns) * (side + gap)))
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
 
 
 # ----------------------------------------------------------------------------- panels

@@ -3,7 +3,9 @@
 Inputs: residuals.h5 (written by tile-test; --residuals or RUN/residuals.h5), the masks of
 the prepared.h5 it was made from, or a ground-truth folder in MVTec layout (--gt DIR:
 DIR/TYPE/NAME_mask.png; good images have none). Outputs in RUN/score/ (or --out):
-metrics.json, roc.png, pr.png, pro.png, panels/, index.html and profile.toml.
+metrics.json, roc.png, pr.png, pro.png, panels/, index.html and profile.toml. VAE runs (whose
+residuals.h5 holds latent codes) add latent image metrics, latent_pca.png and prior_samples.png;
+score.image_score = "latent" makes the latent Mahalanobis distance the image score.
 
 Resolution (--resolution, else score.resolution): "original" upsamples each map bilinearly
 to its image's size before prepare and compares it with the mask at that size (from
@@ -26,7 +28,7 @@ import numpy as np
 from rich.table import Table
 
 from defectae import __version__, console, profiles, report, workspace
-from defectae.core import metrics
+from defectae.core import latent, metrics
 from defectae.core.ragged import Ragged
 from defectae.core.residuals import upsample_maps
 from defectae.data.images import read_mask, resize_mask
@@ -41,7 +43,13 @@ from defectae.stores.prepared import (
     read_original_masks,
     read_strings,
 )
-from defectae.stores.residuals import Residuals, open_residuals, read_residuals
+from defectae.stores.residuals import (
+    LatentCodes,
+    Residuals,
+    open_residuals,
+    read_latent,
+    read_residuals,
+)
 from defectae.stores.scores import write_metrics
 
 RESOLUTIONS = typing.get_args(typing.get_type_hints(ScoreConfig)["resolution"])
@@ -73,6 +81,9 @@ def run(
         profile = _profile_near(run_dir, residuals_path)
     cfg = profile.score if profile is not None else ScoreConfig()
     res = read_residuals(residuals_path)
+    space = latent_space(res)
+    if cfg.image_score == "latent":
+        res = dataclasses.replace(res, scores=_latent_scores(res, space))
     ckpt = Path(str(res.attrs.get("checkpoint", "")))
     if ckpt.name and ckpt.is_file():
         require_trained(ckpt, allow_unfinished)
@@ -118,6 +129,8 @@ def run(
     summary = _summary(res, results, cfg, protocol, resolution_json, truth, profile)
     summary["ground_truth_masks"] = coverage
     summary["figures"] = report.write_curves(out_dir, results, cfg.pro_max_fpr)
+    if space is not None:
+        _add_latent(summary, space, res, cfg, out_dir)
     entries, note = _write_panels(out_dir, res, masks, prepared, results, cfg)
     metrics_json = out_dir / "metrics.json"
     write_metrics(metrics_json, summary)
@@ -380,6 +393,78 @@ def without_pixel_metrics(results: metrics.ScoreResults, reason: str) -> metrics
 
     per_type = {t: drop(m) for t, m in results.per_type.items()}
     return dataclasses.replace(results, metrics=drop(results.metrics), per_type=per_type)
+
+
+# ----------------------------------------------------------------------------- latent (VAEs)
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentSpace:
+    """A VAE run's codes and the latent image scores: Mahalanobis distances of the test codes
+    to the Gaussian of the good training codes (None, with `reason`, when it cannot be fitted)."""
+
+    codes: LatentCodes
+    scores: np.ndarray | None
+    reason: str = ""
+
+
+def latent_space(res: Residuals) -> LatentSpace | None:
+    """The latent scores of a VAE run's residuals; None for other families (no codes stored)."""
+    codes = read_latent(res.path, len(res.names))
+    if codes is None:
+        return None
+    if len(codes.train) < latent.MIN_FIT_CODES:
+        reason = (
+            f"{len(codes.train)} good training code(s), a Gaussian needs {latent.MIN_FIT_CODES}"
+        )
+        return LatentSpace(codes, None, reason)
+    return LatentSpace(codes, latent.mahalanobis(codes.test, latent.fit_gaussian(codes.train)))
+
+
+def _latent_scores(res: Residuals, space: LatentSpace | None) -> np.ndarray:
+    """The latent image scores that score.image_score = "latent" asks for, or a user error."""
+    if space is None:
+        raise DefectaeError(
+            f"score.image_score 'latent': {res.path} holds no latent codes (tile-test stores "
+            "them for VAE families only); expected 'residual'"
+        )
+    if space.scores is None:
+        raise DefectaeError(f"score.image_score 'latent': {res.path}: {space.reason}")
+    return space.scores.astype(np.float32)
+
+
+def _add_latent(
+    summary: dict[str, Any], space: LatentSpace, res: Residuals, cfg: ScoreConfig, out_dir: Path
+) -> None:
+    """Add the latent image metrics (overall, per type), the PCA and prior-sample figures."""
+    overall, per_type = latent.latent_metrics(space.scores, res.labels, res.types, space.reason)
+    for column, metric_set in [(summary, overall)] + [
+        (summary["per_type"][t], m) for t, m in per_type.items() if t in summary["per_type"]
+    ]:
+        as_json = metrics.metric_set_json(metric_set)
+        column["metrics"].update(as_json["metrics"])
+        column["undefined"].update(as_json["undefined"])
+    codes = space.codes
+    summary["image_score"] = cfg.image_score
+    summary["latent"] = {
+        "per_image": codes.per_image,
+        "dimensions": int(codes.test.shape[1]),
+        "train_codes": len(codes.train),
+        "covariance": "Ledoit-Wolf shrinkage, fitted on the good training codes",
+    }
+    pca = latent.pca_2d(codes.test)
+    report.write_latent_pca(
+        out_dir / "latent_pca.png",
+        pca.transform(codes.test),
+        res.types,
+        pca.transform(codes.train),
+        pca.explained_ratio,
+        codes.per_image,
+    )
+    summary["figures"]["latent_pca"] = "latent_pca.png"
+    if codes.prior is not None:
+        report.write_prior_grid(out_dir / "prior_samples.png", codes.prior)
+        summary["figures"]["prior_samples"] = "prior_samples.png"
 
 
 # ----------------------------------------------------------------------------- outputs

@@ -9,6 +9,9 @@ residuals.profile.toml beside it; the run's own profile.toml is never touched. I
 streamed from prepared.h5 a few at a time, so memory does not grow with the test set.
 --export-maps writes every test map as a float32 TIFF at the original resolution in the
 MVTec AD evaluator's layout.
+For VAE families it also stores the latent means of the test images and of good training
+images, and images decoded from fixed-seed prior samples (group "latent"), for score's
+latent diagnostics.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from PIL import Image
 
 from defectae import console, profiles, workspace
 from defectae import device as devices
+from defectae.core import latent
 from defectae.core.inspector import Inspector, inspect_uint8
 from defectae.core.normalize import MapStatistics, normalize_maps
 from defectae.core.residuals import image_scores, resize_map
@@ -40,13 +44,16 @@ from defectae.profiles.load import PROFILE_FILE
 from defectae.stores.checkpoint import checkpoint_in, load_model, require_trained
 from defectae.stores.prepared import open_prepared, read_strings
 from defectae.stores.residuals import (
+    LATENT_FIT_IMAGES,
     SPLITS,
     create_residuals,
     create_split,
+    write_latent,
     write_normalization,
 )
 
 MIN_VALIDATION = 10  # good validation images below which map statistics are unreliable
+PRIOR_SAMPLES, PRIOR_SEED = 16, 0  # the decoded prior grid of VAE runs
 
 
 def _images_per_step(
@@ -155,6 +162,52 @@ def _validation_first(
     _write_split(src, dst, "validation", batches, tile.save_reconstructions, None, advance)
 
 
+@dataclasses.dataclass(frozen=True)
+class LatentPass:
+    """A VAE's encoder means over images of prepared.h5, tiled as the inspector tiles them."""
+
+    model: torch.nn.Module
+    device: torch.device
+    patch: int
+    stride: int
+    whole_image: bool
+    step: int  # images per forward step
+
+    def codes(self, images: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
+        """Latent means (len(rows), D) of the images at `rows` (increasing)."""
+        out = []
+        for i in range(0, len(rows), self.step):
+            x = torch.from_numpy(images[rows[i : i + self.step]]).to(self.device).float() / 255.0
+            codes = latent.image_codes(self.model, x, self.patch, self.stride, self.whole_image)
+            out.append(codes.cpu().numpy())
+        if not out:
+            return np.zeros((0, int(np.prod(self.shape(images.shape[1])))), np.float32)
+        return np.concatenate(out)
+
+    def shape(self, channels: int) -> tuple[int, ...]:
+        """The shape of mu for one model input (a tile, or the resized whole image)."""
+        probe = torch.zeros(1, channels, self.patch, self.patch, device=self.device)
+        return tuple(self.model(probe)["mu"].shape[1:])
+
+
+def _write_latent(src: h5py.File, dst: h5py.File, vae: LatentPass) -> None:
+    """A VAE's codes of the test images and of (at most LATENT_FIT_IMAGES) good training images,
+    and a decoded fixed-seed grid of prior samples, into dst's group "latent"."""
+    n_test, n_train = src["test/images"].shape[0], src["train/images"].shape[0]
+    test = vae.codes(src["test/images"], np.arange(n_test))
+    keep = min(n_train, LATENT_FIT_IMAGES)
+    train = vae.codes(
+        src["train/images"], np.unique(np.linspace(0, n_train - 1, keep).round().astype(int))
+    )
+    shape = vae.shape(src["test/images"].shape[1])
+    prior = latent.prior_samples(vae.model, shape, PRIOR_SAMPLES, PRIOR_SEED, vae.device)
+    if prior is None:
+        console.info("no prior samples: this VAE's decoder needs the encoder's skip features")
+    prior8 = None if prior is None else prior.mul(255.0).round().to(torch.uint8).numpy()
+    per_image = "whole image" if vae.whole_image else "mean over tiles"
+    write_latent(dst, test, train, prior8, shape, per_image)
+
+
 def _root_name(profile: Profile) -> str:
     """The category an MVTec evaluator expects when the root is the category folder itself."""
     return Path(profile.dataset.root).name or profile.dataset.name
@@ -244,6 +297,12 @@ def run(
                 batches = _inspect_split(src, "test", inspector, step, device)
                 _write_split(src, dst, "test", batches, tile.save_reconstructions, export, advance)
             loop_seconds = time.perf_counter() - loop_start
+            if get_family(eff.model.family).is_vae:
+                vae = LatentPass(
+                    devices.unwrap(model), device, patch, tile.stride, whole_image, step
+                )
+                with torch.inference_mode():
+                    _write_latent(src, dst, vae)
     write_profile(eff, out.parent, f"{out.stem}.profile.toml")
 
     model_share = timed.seconds / loop_seconds if loop_seconds > 0 else 0.0

@@ -154,16 +154,21 @@ class AitexVAE(nn.Module):
         mu = self.fc_mu(flat)
         logvar = self.fc_logvar(flat).clamp(*LOGVAR_RANGE)
         z = reparameterize(mu, logvar, self.training)
+        recon = self.decode(z, feats[::-1])  # skips deepest first, matching the decoder
+        return {"recon": recon, "mu": mu, "logvar": logvar, "z": z}
 
+    def decode(self, z: torch.Tensor, skips: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Images in [0, 1] from codes z (B, D); the skip variants also need the encoder's features."""
+        if self.merges and skips is None:
+            raise ValueError("this VAE's decoder merges encoder features: pass skips")
         h = self.attention(self.expand(z))  # (B, C0, s, s)
-        skips = feats[::-1]  # deepest first, matching the decoder's resolutions
         for i, up in enumerate(self.ups):
             if i < len(self.merges):
                 h = self.merges[i](h, skips[i])
             h = up(h)
             if i < len(self.ups) - 1:
                 h = torch.relu(h)
-        return {"recon": torch.sigmoid(h), "mu": mu, "logvar": logvar, "z": z}
+        return torch.sigmoid(h)
 
 
 def _channel_list(value: object, key: str) -> tuple[int, ...]:

@@ -239,7 +239,11 @@ class SpecVAE(nn.Module):
         mu, logvar = self.encoder(x).chunk(2, dim=1)  # (B, D, h, w) each
         logvar = logvar.clamp(*LOGVAR_RANGE)
         z = reparameterize(mu, logvar, self.training)
-        return {"recon": torch.sigmoid(self.decoder(z)), "mu": mu, "logvar": logvar, "z": z}
+        return {"recon": self.decode(z), "mu": mu, "logvar": logvar, "z": z}
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] from latent maps z (B, D, h, w)."""
+        return torch.sigmoid(self.decoder(z))
 
 
 @register(

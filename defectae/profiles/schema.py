@@ -421,6 +421,11 @@ class ScoreConfig:
     panel_size: int = opt(
         256, 32, 2048, doc="longest side of each image in a report panel, in pixels"
     )
+    image_score: Literal["residual", "latent"] = opt(
+        "residual",
+        doc="image score: from the residual map (tile.score), or, for VAE families, the "
+        "Mahalanobis distance of the image's latent mean to the good training images' codes",
+    )
 
     def threshold_options(self) -> dict[str, Any]:
         """Keyword arguments of `core.metrics.label_free_threshold`."""

@@ -5,6 +5,13 @@ maps give the statistics, group "normalization" with mean and std, that every ma
 normalised with):
     residuals (N, 1, H, W) float16, recon (N, C, H, W) uint8 (tile.save_reconstructions),
     scores (N,) float32, names, defect_types, labels, files, orig_sizes (copied from prepared.h5)
+VAE families (registry `is_vae`) add group "latent" (see core.latent):
+    test (N, D) float32, the latent mean of each test image (in the order of test/), and
+    train (K, D) float32, of at most LATENT_FIT_IMAGES good training images of prepared.h5,
+    which score fits its Gaussian on; prior_samples (S, C, P, P) uint8, decoded from S
+    fixed-seed prior samples (absent when the decoder needs encoder skips); attributes
+    latent_shape (the encoder's mu per tile, without the batch axis) and per_image ("whole
+    image" or "mean over tiles").
 File attributes: format, format_version, checkpoint, checkpoint_sha256, prepared,
 prepared_sha256, dataset, category, profile, version, and tile: the JSON of the [tile]
 section tile-test used. That record is the one source of the test-time settings: score
@@ -94,6 +101,61 @@ def write_normalization(f: h5py.File, mean: torch.Tensor, std: torch.Tensor) -> 
     g = f.create_group("normalization")
     g["mean"] = mean.numpy().astype(np.float32)
     g["std"] = std.numpy().astype(np.float32)
+
+
+LATENT_FIT_IMAGES = 500  # good training images whose codes are stored (evenly spaced)
+
+
+@dataclass
+class LatentCodes:
+    """The latent means tile-test stored for a VAE run (group "latent")."""
+
+    test: np.ndarray  # (N, D) float32
+    train: np.ndarray  # (K, D) float32
+    prior: np.ndarray | None  # (S, C, P, P) uint8
+    per_image: str
+
+
+def write_latent(
+    f: h5py.File,
+    test: np.ndarray,
+    train: np.ndarray,
+    prior: np.ndarray | None,
+    latent_shape: tuple[int, ...],
+    per_image: str,
+) -> None:
+    """Record a VAE's image codes (test, train) and its decoded prior samples."""
+    g = f.create_group("latent")
+    g["test"] = test.astype(np.float32)
+    g["train"] = train.astype(np.float32)
+    if prior is not None:
+        g["prior_samples"] = prior.astype(np.uint8)
+    g.attrs["latent_shape"] = list(latent_shape)
+    g.attrs["per_image"] = per_image
+
+
+def read_latent(path: str | Path, n_test: int) -> LatentCodes | None:
+    """The latent codes of a residuals.h5 (None for a family that is not a VAE), checked
+    against its `n_test` test images."""
+    with open_residuals(path) as f:
+        if "latent" not in f:
+            return None
+        g = f["latent"]
+        test, train = g["test"][()], g["train"][()]
+        if (
+            test.ndim != 2
+            or len(test) != n_test
+            or train.ndim != 2
+            or train.shape[1:] != test.shape[1:]
+        ):
+            raise DefectaeError(
+                f"{path}: latent/test {test.shape} and latent/train {train.shape}: expected "
+                f"({n_test}, D) and (K, D); run tile-test again"
+            )
+        if not (np.isfinite(test).all() and np.isfinite(train).all()):
+            raise DefectaeError(f"{path}: latent codes contain NaN or infinite values")
+        prior = g["prior_samples"][()] if "prior_samples" in g else None
+        return LatentCodes(test, train, prior, str(g.attrs.get("per_image", "")))
 
 
 def read_normalization(path: str | Path) -> tuple[torch.Tensor, torch.Tensor] | None:
