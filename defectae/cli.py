@@ -256,6 +256,23 @@ def score(
     )
 
 
+@app.command("run")
+def run_pipeline(
+    profile: ProfileOpt = None,
+    sets: SetOpt = None,
+    root: RootOpt = None,
+    start: Annotated[
+        Optional[str],
+        typer.Option("--from", help="Run this stage and every later one, even if up to date."),
+    ] = None,
+    until: Annotated[Optional[str], typer.Option("--until", help="Stop after this stage.")] = None,
+) -> None:
+    """Prepare, augment, train, tile-test and score in one go, skipping stages already up to date."""
+    from defectae.commands import run as command
+
+    _done(command.run(profile, sets or [], root, start=start, until=until))
+
+
 @app.command()
 def export(
     run: Annotated[Path, typer.Option("--run", help="Run folder with a checkpoint.")],
