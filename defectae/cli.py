@@ -362,6 +362,32 @@ def predict(
 
 
 @app.command()
+def compare(
+    runs: Annotated[
+        Optional[list[Path]],
+        typer.Argument(help="Scored run folders.", metavar="RUN", show_default=False),
+    ] = None,
+    profile_glob: Annotated[
+        Optional[str],
+        typer.Option(
+            "--profile-glob",
+            help="Also the latest scored run of each matching profile, e.g. 'mvtec-*-ae'.",
+        ),
+    ] = None,
+    html: Annotated[
+        Optional[Path], typer.Option("--html", help="The page (default ./compare.html).")
+    ] = None,
+    csv_path: Annotated[
+        Optional[Path], typer.Option("--csv", help="Also write the table as CSV.")
+    ] = None,
+) -> None:
+    """Metrics, training time and differing settings of scored runs; curves overlaid in a page."""
+    from defectae.commands import compare as command
+
+    _done(command.run(runs or [], profile_glob, html=html, csv_path=csv_path))
+
+
+@app.command()
 def bench(
     profile: Annotated[
         Optional[list[str]],

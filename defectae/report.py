@@ -417,3 +417,26 @@ def write_index(
 ) -> None:
     """Write index.html atomically."""
     write_text_atomic(path, index_html(summary, figures, panels, panel_note))
+
+
+# ----------------------------------------------------------------------------- compare
+
+
+def overlay_png(kind: str, curves: Sequence[tuple[str, Curve, float | None]]) -> bytes:
+    """Several runs' image curves on one figure as PNG bytes: `kind` "roc" or "pr", one
+    (label, curve, metric value) per run; `defectae compare` embeds it in its page."""
+    import tempfile
+
+    roc = kind == "roc"
+    title, xlabel, ylabel = (
+        ("image ROC", "false positive rate", "true positive rate")
+        if roc
+        else ("image precision-recall", "recall", "precision")
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        with _curve(Path(folder), kind, title, xlabel, ylabel, {}) as ax:
+            for label, curve, value in curves:
+                (_roc if roc else _pr)(ax, curve, label, value)
+            if roc:
+                ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
+        return (Path(folder) / f"{kind}.png").read_bytes()
