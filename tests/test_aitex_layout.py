@@ -6,6 +6,7 @@ through the CLI."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -145,3 +146,14 @@ def test_an_excluded_stem_naming_no_strip_is_said(root, tmp_path):
         f"warning: dataset.aitex.exclude: '0100_025_8' names no strip or mask under {root}" in err
     )
     assert "0100_025_08.png: image without its mask" in err
+
+
+def test_a_defect_strip_with_an_all_zero_mask_is_said(root, tmp_path):
+    copy = tmp_path / "aitex"
+    shutil.copytree(root, copy)
+    stem = "0106_010_04"
+    _png(copy / "Defect_images" / f"{stem}.png", np.full((H, W), 128, np.uint8))
+    _png(copy / "Mask_images" / f"{stem}_mask.png", np.zeros((H, W), np.uint8))
+    proc = _prepare(tmp_path / "home", copy)
+    assert "1 defective image(s) have an all-zero mask, so all their tiles" in proc.stderr
+    assert f"Defect_images/{stem}.png" in proc.stderr

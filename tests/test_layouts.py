@@ -198,6 +198,19 @@ def test_manifest_with_image_and_label_only(tmp_path: Path) -> None:
     assert "all-zero mask and stay labelled defective" in proc.stderr
 
 
+def test_a_test_split_without_defects_is_warned(tmp_path: Path) -> None:
+    root = make_images(tmp_path / "data", 10, bad=set())
+    write_csv(
+        tmp_path / "list.csv",
+        ["image", "label"],
+        [[str(root / "img" / f"{i:03d}.png"), "good"] for i in range(10)],
+    )
+    sets = ["dataset.layout=manifest", f"dataset.manifest.file={tmp_path / 'list.csv'}"]
+    proc = prepare(tmp_path / "home", root, tmp_path / "p.h5", *sets)
+    assert json.loads(proc.stdout)["splits"]["test_defect"] == 0
+    assert "the test split holds no defective image" in proc.stderr
+
+
 def test_manifest_labels_from_masks(tmp_path: Path) -> None:
     root = make_images(tmp_path / "data", 10, bad={3, 7})
     write_csv(

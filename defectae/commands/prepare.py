@@ -163,7 +163,9 @@ class _Reader:
 
 def _read_split(
     samples: list[Sample], reader: _Reader, bar: Any, task: Any, original_masks: bool = False
-) -> tuple[PreparedSplit, list[str]]:
+) -> tuple[PreparedSplit, list[str], list[str]]:
+    """The split's arrays, the defective images with an all-zero mask, and the images whose
+    tiles are labelled by their mask but none of which is defective (an all-zero mask there)."""
     ds = reader.ds
     h, w = reader.size
     split = PreparedSplit(
@@ -177,6 +179,7 @@ def _read_split(
         orig_masks=[] if original_masks else None,
     )
     empty_masks = []
+    tiled_defect: dict[str, bool] = {}
     for i, sample in enumerate(samples):
         item = reader.read(sample)
         split.images[i], split.masks[i], split.labels[i] = item.image, item.mask, item.label
@@ -188,8 +191,10 @@ def _read_split(
         split.files.append(sample.file)
         if item.empty_defect_mask:
             empty_masks.append(sample.file)
+        if sample.label_from_mask:
+            tiled_defect[sample.file] = tiled_defect.get(sample.file, False) or bool(item.label)
         bar.advance(task)
-    return split, empty_masks
+    return split, empty_masks, [f for f, defective in tiled_defect.items() if not defective]
 
 
 def _prepared_size(samples: dict[str, list[Sample]], ds: DatasetConfig) -> tuple[int, int]:
@@ -347,14 +352,16 @@ def run(
     reader = _Reader(ds, size)
     splits: dict[str, PreparedSplit] = {}
     empty_masks: list[str] = []
+    unmasked_defects: list[str] = []  # tiled defect images whose mask is all-zero
     with console.progress() as bar:
         task = bar.add_task("reading images", total=sum(len(v) for v in samples.values()))
         for name in SPLITS:
             bar.update(task, description=f"reading {name}")
-            splits[name], empty = _read_split(
+            splits[name], empty, unmasked = _read_split(
                 samples[name], reader, bar, task, original_masks=name == "test"
             )
             empty_masks += empty
+            unmasked_defects += unmasked
     intensity = _normalise_splits(splits, ds.intensity)
 
     test = splits["test"]
@@ -390,6 +397,19 @@ def run(
         console.warn(
             f"{len(plan.left_out)} defective image(s) of train/validation groups were left out "
             f'(dataset.defective_groups = "split"); see {splits_path}'
+        )
+    if unmasked_defects:
+        console.warn(
+            f"{len(unmasked_defects)} defective image(s) have an all-zero mask, so all their "
+            "tiles are labelled good: "
+            + ", ".join(unmasked_defects[:5])
+            + (" ..." if len(unmasked_defects) > 5 else "")
+        )
+    if not counts["test_defect"]:
+        console.warn(
+            "the test split holds no defective image: image AUROC and every pixel metric will be "
+            'undefined (with defective_groups = "split", try another dataset.seed or fewer '
+            "validation groups)"
         )
     _warn_sizes(splits, size, ds.resize)
     if empty_masks:
