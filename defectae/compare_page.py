@@ -75,7 +75,7 @@ def _settings_table(summary: dict[str, Any]) -> str:
 def compare_html(
     summary: dict[str, Any], figures: dict[str, bytes], notes: list[str], base: Path
 ) -> str:
-    """The page: runs, metrics (overall and per type), differing settings, overlaid image curves
+    """The page: runs, metrics (overall and per type), differing settings, overlaid curves
     (PNG bytes by name), and links to each run's report; `base` is the page's folder."""
     e = html.escape
     mixed = "".join(
@@ -84,7 +84,7 @@ def compare_html(
         for k in summary["mixed"]
     )
     curves = "".join(
-        f'<img src="data:image/png;base64,{base64.b64encode(png).decode()}" alt="image {e(k)}">'
+        f'<img src="data:image/png;base64,{base64.b64encode(png).decode()}" alt="{e(k)}">'
         for k, png in figures.items()
     )
     note_list = "".join(f"<li>{e(n)}</li>" for n in notes)
@@ -106,8 +106,9 @@ def compare_html(
         f"</head><body><h1>defectae compare</h1>{mixed}"
         f"<h2>Metrics</h2>{_metrics_table(summary)}"
         f"<h2>Settings that differ</h2>{_settings_table(summary)}"
-        f'<h2>Image curves</h2><div class="curves">{curves}</div>'
+        f'<h2>Curves</h2><div class="curves">{curves}</div>'
         + (f"<ul>{note_list}</ul>" if notes else "")
-        + "<h2>Each run's report</h2><p>Pixel ROC and PRO curves are drawn by score per run "
-        "(it stores no curve points to overlay).</p>" + "".join(reports) + "</body></html>\n"
+        + "<h2>Each run's report</h2>"
+        + "".join(reports)
+        + "</body></html>\n"
     )

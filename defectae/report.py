@@ -422,21 +422,32 @@ def write_index(
 # ----------------------------------------------------------------------------- compare
 
 
-def overlay_png(kind: str, curves: Sequence[tuple[str, Curve, float | None]]) -> bytes:
-    """Several runs' image curves on one figure as PNG bytes: `kind` "roc" or "pr", one
-    (label, curve, metric value) per run; `defectae compare` embeds it in its page."""
+OVERLAYS = {  # name -> (title, x label, y label)
+    "image_roc": ("image ROC", "false positive rate", "true positive rate"),
+    "image_pr": ("image precision-recall", "recall", "precision"),
+    "pixel_roc": ("pixel ROC", "false positive rate", "true positive rate"),
+    "pixel_pr": ("pixel precision-recall", "recall", "precision"),
+    "pixel_pro": ("PRO", "false positive rate", "per-region overlap"),
+}
+
+
+def overlay_png(name: str, curves: Sequence[tuple[str, Curve, float | None]]) -> bytes:
+    """Several runs' curves on one figure as PNG bytes: `name` one of OVERLAYS, one (label,
+    curve, metric value) per run; `defectae compare` embeds it in its page."""
     import tempfile
 
-    roc = kind == "roc"
-    title, xlabel, ylabel = (
-        ("image ROC", "false positive rate", "true positive rate")
-        if roc
-        else ("image precision-recall", "recall", "precision")
-    )
+    title, xlabel, ylabel = OVERLAYS[name]
+    kind = name.split("_")[1]
     with tempfile.TemporaryDirectory() as folder:
-        with _curve(Path(folder), kind, title, xlabel, ylabel, {}) as ax:
+        with _curve(Path(folder), name, title, xlabel, ylabel, {}) as ax:
             for label, curve, value in curves:
-                (_roc if roc else _pr)(ax, curve, label, value)
-            if roc:
+                if kind == "pro":
+                    if curve.pro is not None and curve.n_neg > 0:
+                        ax.plot(
+                            *_thin(*pro_points(curve)), label=f"{label} ({format_value(value)})"
+                        )
+                else:
+                    (_roc if kind == "roc" else _pr)(ax, curve, label, value)
+            if kind == "roc":
                 ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
-        return (Path(folder) / f"{kind}.png").read_bytes()
+        return (Path(folder) / f"{name}.png").read_bytes()

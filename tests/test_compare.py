@@ -10,6 +10,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from builders import defectae, untrained_checkpoint
 from test_score import SIZE, TYPES, make_split
@@ -134,7 +135,7 @@ def test_page_names_both_runs_with_their_curves(ab):
     assert ab["summary"]["html"] == str(ab["html"])
     text = ab["html"].read_text()
     assert "a/20250101-000000" in text and "b/20250101-000000" in text
-    assert text.count("data:image/png;base64,") == 2  # image ROC and PR, overlaid
+    assert text.count("data:image/png;base64,") == 5  # image ROC, PR; pixel ROC, PR, PRO
     assert "loss.recon" in text
     links = re.findall(r'<a href="([^"]+)"', text)  # each run's report, relative to the page
     assert len(links) == 2 and all(not Path(link).is_absolute() for link in links)
@@ -211,3 +212,29 @@ def test_the_overlaid_image_curve_is_the_scored_one(home):
         reference = roc_auc_score(f["test/labels"][()], f["test/scores"][()])
     assert metrics.auroc(curve).value == pytest.approx(reference, abs=1e-12)
     assert metrics.auroc(curve).value == pytest.approx(metrics_json(run)["metrics"]["image_auroc"])
+
+
+def test_the_stored_pixel_curve_is_the_scored_one(home):
+    """score's thinned pixel curve keeps the ends and the counts; its AUROC is close to the
+    scored one (every point) and its last point counts every pixel."""
+    from defectae.core import metrics
+
+    run = home / "runs" / "b" / "20250101-000000"
+    curve = command.read_run(run).pixel_curve
+    scored = metrics_json(run)["metrics"]
+    assert curve is not None and curve.pro is not None and len(curve.thresholds) <= 2000
+    assert (curve.tp[-1], curve.fp[-1]) == (curve.n_pos, curve.n_neg)
+    assert metrics.auroc(curve).value == pytest.approx(scored["pixel_auroc"], abs=2e-3)
+
+
+def test_thin_curve_keeps_both_ends_and_every_point_of_a_short_curve():
+    from defectae.core import metrics
+
+    rng = np.random.default_rng(0)
+    labels = rng.random(10_000) < 0.3
+    curve = metrics.rank_curve(rng.random(10_000) + labels, labels)
+    thin = metrics.thin_curve(curve, 100)
+    assert len(thin.thresholds) == 100
+    assert thin.thresholds[0] == curve.thresholds[0] and thin.tp[-1] == curve.tp[-1]
+    assert metrics.auroc(thin).value == pytest.approx(metrics.auroc(curve).value, abs=5e-3)
+    assert metrics.thin_curve(thin, 100) is thin

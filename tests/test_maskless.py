@@ -118,6 +118,7 @@ def test_report_gives_the_reason_and_draws_every_panel(maskless):
     panels = sorted((out / "panels").glob("*.png"))
     assert len(panels) == summary["counts"]["images"] and panels
     assert all((out / f).is_file() for f in saved["figures"].values())
+    assert not (out / "pixel_curve.npz").exists()  # nothing for compare to overlay
 
 
 def test_some_images_without_masks_keep_pixel_metrics_and_are_counted(tmp_path):

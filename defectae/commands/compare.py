@@ -13,9 +13,9 @@ train.device, ...) counts. Training time is the sum of `elapsed_s` over the chec
 `timing` (one entry per `train` call, resumes included).
 
 Outputs: a table on the console, `--json`, `--csv FILE` (one row per run and defect type, the
-overall row first) and an HTML page with every run's image ROC and PR curves overlaid, from
-the image scores in residuals.h5 (score does not store pixel curves: the page links each
-run's own report for those).
+overall row first) and an HTML page with every run's curves overlaid: image ROC and PR from
+the image scores in residuals.h5, pixel ROC, PR and PRO from the pixel curve score stored
+beside metrics.json (score/pixel_curve.npz).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from defectae.core import metrics
 from defectae.errors import DefectaeError
 from defectae.files import atomic_path, output_file, sha256_file, write_text_atomic
 from defectae.profiles.load import PROFILE_FILE
-from defectae.stores.scores import read_scored_settings
+from defectae.stores.scores import CURVE_FILE, read_curve, read_scored_settings
 
 HEADLINE = ("image_auroc", "image_auprc", "pixel_auroc", "pixel_aupro", "pixel_f1_max")
 COMPARABLE = ("protocol", "resolution")  # scored differently: pixel metrics do not compare
@@ -55,6 +55,7 @@ class ScoredRun:
     status: str
     image_curve: metrics.Curve | None  # None when residuals.h5 is gone or changed since score
     curve_note: str = ""
+    pixel_curve: metrics.Curve | None = None  # None when score stored none (no masks)
 
     @property
     def label(self) -> str:
@@ -93,17 +94,7 @@ def run(
     rows = table_rows(summary)
     if csv_path is not None:
         write_csv(csv_path, rows)
-    figures = {
-        kind: report.overlay_png(
-            kind,
-            [
-                (r.label, r.image_curve, r.summary["metrics"].get(f"image_{metric}"))
-                for r in scored
-                if r.image_curve is not None
-            ],
-        )
-        for kind, metric in (("roc", "auroc"), ("pr", "auprc"))
-    }
+    figures = {name: report.overlay_png(name, _curves(scored, name)) for name in report.OVERLAYS}
     notes = [f"{r.label}: {r.curve_note}" for r in scored if r.image_curve is None]
     write_text_atomic(html, compare_page.compare_html(summary, figures, notes, html.parent))
     console.show(compare_table(summary))
@@ -174,7 +165,27 @@ def read_run(path: Path) -> ScoredRun:
         status=str(state.get("status", "")),
         image_curve=curve,
         curve_note=note,
+        pixel_curve=read_curve(path / "score" / CURVE_FILE),
     )
+
+
+OVERLAY_METRICS = {
+    "image_roc": "image_auroc",
+    "image_pr": "image_auprc",
+    "pixel_roc": "pixel_auroc",
+    "pixel_pr": "pixel_auprc",
+    "pixel_pro": "pixel_aupro",
+}
+
+
+def _curves(scored: list[ScoredRun], name: str) -> list[tuple[str, metrics.Curve, float | None]]:
+    """(label, curve, metric value) of every run that has the curve the overlay `name` draws."""
+    rows = []
+    for r in scored:
+        curve = r.image_curve if name.startswith("image") else r.pixel_curve
+        if curve is not None:
+            rows.append((r.label, curve, r.summary["metrics"].get(OVERLAY_METRICS[name])))
+    return rows
 
 
 def _image_curve(path: Path, summary: dict[str, Any]) -> tuple[metrics.Curve | None, str]:

@@ -50,9 +50,10 @@ from defectae.stores.residuals import (
     read_latent,
     read_residuals,
 )
-from defectae.stores.scores import write_metrics
+from defectae.stores.scores import CURVE_FILE, write_curve, write_metrics
 
 RESOLUTIONS = typing.get_args(typing.get_type_hints(ScoreConfig)["resolution"])
+CURVE_POINTS = 2000  # of the stored pixel curve: enough to draw it
 NO_MASKS = "the dataset has no masks: no defective test image has a mask pixel"
 
 
@@ -132,6 +133,7 @@ def run(
     if space is not None:
         _add_latent(summary, space, res, cfg, out_dir)
     entries, note = _write_panels(out_dir, res, masks, prepared, results, cfg)
+    _write_pixel_curve(out_dir / CURVE_FILE, results)
     metrics_json = out_dir / "metrics.json"
     write_metrics(metrics_json, summary)
     index = out_dir / "index.html"
@@ -359,6 +361,15 @@ def _pixel_inputs(
     )
     info = {"resolution": "original", "pixel_sizes": original.size_range(), "resolution_note": note}
     return upsample_maps(res.maps, original.sizes), original, info
+
+
+def _write_pixel_curve(path: Path, results: metrics.ScoreResults) -> None:
+    """The pixel curve, thinned, for `compare` to overlay; none (and no stale one) when the
+    pixel metrics are undefined."""
+    if results.metrics["pixel_auroc"].value is None:
+        path.unlink(missing_ok=True)
+        return
+    write_curve(path, metrics.thin_curve(results.pixel_curve, CURVE_POINTS))
 
 
 # ----------------------------------------------------------------------------- masks

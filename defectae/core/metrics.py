@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage
@@ -237,6 +237,19 @@ def _counts(scores: np.ndarray, payload: np.ndarray, inv_size: np.ndarray | None
         return _counts_by_histogram(half, payload, inv_size)
     ranked, order = _sort_desc(scores)
     return _counts_by_sorting(ranked, payload[order], inv_size)
+
+
+def thin_curve(curve: Curve, points: int) -> Curve:
+    """The curve at about `points` evenly spaced thresholds, first and last kept: enough to
+    draw it (e.g. overlaid by `compare`), not to compute metrics from."""
+    n = len(curve.thresholds)
+    if n <= points:
+        return curve
+    keep = np.unique(np.linspace(0, n - 1, points).round().astype(int))
+    pro = None if curve.pro is None else curve.pro[keep]
+    return replace(
+        curve, thresholds=curve.thresholds[keep], tp=curve.tp[keep], fp=curve.fp[keep], pro=pro
+    )
 
 
 def rank_curve(scores: np.ndarray, labels: np.ndarray) -> Curve:

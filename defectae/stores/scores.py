@@ -4,6 +4,7 @@ Beside the metrics it holds `tile` (the [tile] settings copied from the residual
 scored), `residuals_sha256` (which residuals.h5) and `threshold` (the label-free pixel
 threshold chosen on validation maps). export, and anything that deploys a run, reads the
 settings and the threshold together from here, so they can never come from different runs.
+Beside it, pixel_curve.npz holds the pixel ranking curve thinned for drawing (compare overlays it).
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from defectae.core.metrics import Curve
 from defectae.errors import DefectaeError
-from defectae.files import write_text_atomic
+from defectae.files import atomic_path, write_text_atomic
 from defectae.profiles import TileConfig
 from defectae.profiles.load import section_from_dict
 
@@ -58,3 +62,29 @@ def read_scored_settings(path: Path) -> ScoredSettings:
             raise DefectaeError(f"{path}: missing key '{key}'; run `defectae score` again")
     tile = section_from_dict(TileConfig, "tile", data["tile"], f"{path} (tile)")
     return ScoredSettings(tile, dict(data["threshold"]), str(data["residuals_sha256"]), path)
+
+
+CURVE_FILE = "pixel_curve.npz"
+
+
+def write_curve(path: Path, curve: Curve) -> None:
+    """Save a ranking curve (already thinned) as .npz, atomically."""
+    arrays = {"thresholds": curve.thresholds, "tp": curve.tp, "fp": curve.fp}
+    if curve.pro is not None:
+        arrays["pro"] = curve.pro
+    counts = np.array([curve.n_pos, curve.n_neg, curve.n_regions], np.int64)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, counts=counts, **arrays)
+
+
+def read_curve(path: Path) -> Curve | None:
+    """The curve saved by write_curve, or None when the file is missing or not such a curve."""
+    try:
+        with np.load(path) as data:
+            n_pos, n_neg, n_regions = (int(v) for v in data["counts"])
+            pro = data["pro"] if "pro" in data.files else None
+            return Curve(
+                data["thresholds"], data["tp"], data["fp"], n_pos, n_neg, pro, n_regions, "pixels"
+            )
+    except (OSError, KeyError, ValueError):
+        return None
