@@ -88,6 +88,7 @@ def test_quick_bench_on_a_tiny_model_finishes_in_seconds(quick):
     fig = saved["profiles"]["synthetic-ae"]
     assert fig["patch_size"] == 32 and fig["batch_size"] == 8 and fig["tile_image_size"] == [64, 64]
     assert fig["profile"]["model"]["input_size"] == 32
+    assert fig["predict_images_per_s"] > 0 and fig["predict_image_size"] == [64, 64]
 
 
 def test_every_figure_is_a_finite_number_or_null_with_a_reason(quick):

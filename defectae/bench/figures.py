@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from defectae import console
 from defectae import device as devices
 from defectae.bench.inputs import prepared_images, random_batch, random_maps, random_patch_file
+from defectae.bench.predict_rate import PREDICT_KEYS, predict_figures
 from defectae.bench.probes import (
     StepClock,
     in_fresh_process,
@@ -217,12 +218,15 @@ def profile_figures(
     x = random_batch(b, c, p)
     training_rates(fig, model, x, profile, plan, device)
     with console.progress() as bar:
-        task = bar.add_task(f"{profile.name}: inference, tile-test, data", total=3)
+        task = bar.add_task(f"{profile.name}: inference, tile-test, predict, data", total=4)
         inference_rates(fig, model, x, plan, device)
         if isinstance(getattr(model, "encoder", None), FrozenEncoder):
             fig.measure("encoder_share", lambda: encoder_share(model, x, plan, device))
         bar.advance(task)
         fig.measure(TILE_KEYS, lambda: tile_figures(model, profile, plan, device))
+        bar.advance(task)
+        n = max(2, plan.reps)
+        fig.measure(PREDICT_KEYS, lambda: predict_figures(model, profile, n, workdir))
         bar.advance(task)
         data_figures(fig, model, profile, plan, workdir, device)
         bar.advance(task)

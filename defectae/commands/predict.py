@@ -445,10 +445,16 @@ def _predict_batch(
             yield write_outputs(b, *results[i], value, out)
 
 
+def predictions(images: list[Path], setup: Setup, out: Path) -> Iterator[dict[str, Any]]:
+    """Each image's record, in input order, its map, mask and overlay written to `out`."""
+    for batch in read_batches(images, output_names(images), setup):
+        yield from _predict_batch(batch, setup, out)
+
+
 # ----------------------------------------------------------------------------- the command
 
 
-def _setup(
+def make_setup(
     run: Path,
     checkpoint: Path | None,
     from_export: Path | None,
@@ -492,7 +498,7 @@ def run(
         raise DefectaeError(f"--threshold {threshold}: expected a finite number")
     out = output_dir(out if out is not None else run / "predict")
     images = find_images(paths, exclude=out)
-    setup = _setup(run, checkpoint, from_export, threshold, allow_unfinished)
+    setup = make_setup(run, checkpoint, from_export, threshold, allow_unfinished)
     value = float(setup.threshold["value"])
     console.info(
         f"predict {setup.profile.name}: {setup.source} on {len(images)} image(s), "
@@ -501,11 +507,10 @@ def run(
     records: list[dict[str, Any]] = []
     with console.progress() as bar:
         task = bar.add_task("predict", total=len(images))
-        for batch in read_batches(images, output_names(images), setup):
-            for record in _predict_batch(batch, setup, out):
-                emit_line(record)
-                records.append(record)
-                bar.advance(task)
+        for record in predictions(images, setup, out):
+            emit_line(record)
+            records.append(record)
+            bar.advance(task)
     csv_path = out / "predictions.csv"
     write_csv(csv_path, records)
     summary = _summary(records, setup, run, out, csv_path, started)

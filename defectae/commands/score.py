@@ -3,9 +3,10 @@
 Inputs: residuals.h5 (written by tile-test; --residuals or RUN/residuals.h5), the masks of
 the prepared.h5 it was made from, or a ground-truth folder in MVTec layout (--gt DIR:
 DIR/TYPE/NAME_mask.png; good images have none). Outputs in RUN/score/ (or --out):
-metrics.json, roc.png, pr.png, pro.png, panels/, index.html and profile.toml. VAE runs (whose
-residuals.h5 holds latent codes) add latent image metrics, latent_pca.png and prior_samples.png;
-score.image_score = "latent" makes the latent Mahalanobis distance the image score.
+metrics.json, pixel_curve.npz (the pixel curve, thinned, for compare), roc.png, pr.png,
+pro.png, panels/, index.html and profile.toml. VAE runs (whose residuals.h5 holds latent
+codes) add latent image metrics, latent_pca.png and prior_samples.png; score.image_score =
+"latent" makes the latent Mahalanobis distance the image score.
 
 Resolution (--resolution, else score.resolution): "original" upsamples each map bilinearly
 to its image's size before prepare and compares it with the mask at that size (from
