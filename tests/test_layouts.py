@@ -421,15 +421,55 @@ def test_kolektor_tree_through_the_pipeline(tmp_path: Path) -> None:
     root, home = make_kolektor(tmp_path / "ksdd"), tmp_path / "home"
     sets = [*KOLEKTOR, f"dataset.image_size=[{SIDE}, {SIDE}]", *TINY_RUN]
     profile = [*BASE, "--root", str(root), *(a for s in sets for a in ("--set", s))]
-    prepared = json.loads(defectae(home, "prepare", *profile).stdout)
-    assert prepared["splits"]["test_defect"] == 2
-    defectae(home, "augment", *profile)
-    defectae(home, "train", *profile)
-    tiled = json.loads(defectae(home, "tile-test", *profile).stdout)
-    scored = json.loads(defectae(home, "score", *profile).stdout)
-    assert scored["ground_truth_masks"] == {"defective_images": 2, "without_mask": 0}
-    report = json.loads(Path(scored["metrics_json"]).read_text())
-    assert Path(tiled["residuals"]).is_file() and "image_auroc" in json.dumps(report)
+    summary = json.loads(defectae(home, "run", *profile).stdout)  # the five stages, one process
+    assert [s["status"] for s in summary["stages"].values()] == ["ran"] * 5
+    report = json.loads(Path(summary["metrics_json"]).read_text())
+    assert report["counts"]["defective"] == 2
+    assert report["ground_truth_masks"] == {"defective_images": 2, "without_mask": 0}
+    assert report["metrics"]["image_auroc"] is not None
+
+
+def _manifest_shape(root: Path, shape: str) -> list[str]:
+    """A manifest dataset of one shape under root; the --set keys that read it."""
+    if shape == "all-columns":
+        make_images(root, 12, bad={9, 10, 11})
+        rows = [
+            [
+                f"img/{i:03d}.png",
+                f"masks/{i:03d}.png",
+                "good" if i < 9 else "scratch",
+                "",
+                f"p{i // 2}",
+            ]
+            for i in range(12)
+        ]
+        write_csv(root / "labels.csv", ["image", "mask", "label", "split", "group"], rows)
+    elif shape == "image-and-mask":  # labels from the masks
+        make_images(root, 12, bad={9, 10, 11})
+        rows = [[f"img/{i:03d}.png", f"masks/{i:03d}.png"] for i in range(12)]
+        write_csv(root / "labels.csv", ["image", "mask"], rows)
+    else:  # mask-less: image-level labels only
+        make_images(root, 12, bad=set())
+        rows = [[f"img/{i:03d}.png", "good" if i < 9 else "stain"] for i in range(12)]
+        write_csv(root / "labels.csv", ["image", "label"], rows)
+    return ["dataset.layout=manifest", "dataset.manifest.file=labels.csv"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", ["all-columns", "image-and-mask", "mask-less"])
+def test_manifest_shapes_through_the_pipeline(tmp_path: Path, shape: str) -> None:
+    """Each manifest shape through prepare, augment, a one-epoch train, tile-test and score
+    (`defectae run`: one process for the five stages)."""
+    root = tmp_path / "data"
+    sets = [*_manifest_shape(root, shape), f"dataset.image_size=[{SIDE}, {SIDE}]", *TINY_RUN]
+    profile = [*BASE, "--root", str(root), *(a for s in sets for a in ("--set", s))]
+    summary = json.loads(defectae(tmp_path / "home", "run", *profile).stdout)
+    assert [s["status"] for s in summary["stages"].values()] == ["ran"] * 5
+    report = json.loads(Path(summary["metrics_json"]).read_text())
+    assert report["counts"]["defective"] == 3
+    assert report["metrics"]["image_auroc"] is not None
+    pixel_defined = report["metrics"]["pixel_auroc"] is not None
+    assert pixel_defined == (shape != "mask-less")
 
 
 def test_dry_run_names_every_manifest_problem(tmp_path: Path) -> None:
