@@ -182,3 +182,13 @@ def test_a_checkpoint_loads_without_reading_or_downloading_pretrained_weights(
     monkeypatch.setattr(backbones, "_download_state", offline)
     model, _, _ = load_model(ckpt, expect=profile)
     assert torch.equal(model.encoder.net.conv1.weight, downloaded["conv1.weight"])
+
+
+def test_torchvision_backbones_name_torchvisions_weights_and_vgg_drops_its_classifier():
+    import torchvision.models as tvm
+
+    from defectae.models.backbones import BACKBONES, weights_url
+
+    assert weights_url(BACKBONES["resnet18"]) == tvm.ResNet18_Weights.IMAGENET1K_V1.url
+    assert weights_url(BACKBONES["vgg16"]) == tvm.VGG16_Weights.IMAGENET1K_V1.url
+    assert BACKBONES["vgg16"].trim is not None and BACKBONES["vgg16"].url == ""

@@ -327,7 +327,7 @@ def test_old_prepared_file_falls_back_to_the_grid_with_a_warning(setup):
         f.attrs["prepared_sha256"] = sha256_file(prepared)
     proc = _cli("--json", "score", "--run", str(run))
     assert proc.returncode == 0, proc.stderr
-    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning")]
+    warnings = [line for line in proc.stderr.splitlines() if "--resolution original" in line]
     assert len(warnings) == 1, proc.stderr
     assert "has no original-size masks" in warnings[0]
     assert "falling back to the prepared 16x16 grid" in warnings[0]

@@ -14,13 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.covariance import LedoitWolf
 from torch import nn
 
 from defectae.core import metrics
 from defectae.core.tiling import extract_patches
-from defectae.models.aitex_vae import AitexVAE
-from defectae.models.specvae import SpecVAE
 
 LATENT_METRICS = ("latent_image_auroc", "latent_image_auprc", "latent_image_f1_max")
 MIN_FIT_CODES = 2  # a covariance needs two codes at least
@@ -46,9 +43,10 @@ def image_codes(
 def decode(model: nn.Module, z: torch.Tensor) -> torch.Tensor | None:
     """Images (B, C, H, W) in [0, 1] decoded from latent samples z by the decoder alone, or None
     when the decoder also needs the encoder's features (the skip variants vae5, vae6, vae8)."""
-    if isinstance(model, SpecVAE) or (isinstance(model, AitexVAE) and not model.merges):
-        return model.decode(z)
-    return None
+    if getattr(model, "merges", None):  # the skip variants' decoder merges encoder features
+        return None
+    decode_fn = getattr(model, "decode", None)
+    return None if decode_fn is None else decode_fn(z)
 
 
 def prior_samples(
@@ -73,6 +71,8 @@ def fit_gaussian(codes: np.ndarray) -> Gaussian:
     """The Ledoit-Wolf Gaussian of codes (N, D), N >= 2."""
     if len(codes) < MIN_FIT_CODES:
         raise ValueError(f"fitting a Gaussian needs {MIN_FIT_CODES} codes, got {len(codes)}")
+    from sklearn.covariance import LedoitWolf  # 1 s to import: only when a VAE is scored
+
     lw = LedoitWolf().fit(np.asarray(codes, np.float64))
     return Gaussian(lw.location_, lw.precision_)
 

@@ -16,9 +16,9 @@ import urllib.error
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-import torchvision
 from torch import nn
 
 from defectae import console
@@ -37,10 +37,11 @@ class Spec:
     levels: Callable[[nn.Module, torch.Tensor], list[torch.Tensor]]
     channels: tuple[int, ...]
     strides: tuple[int, ...]
-    url: str = ""  # torchvision's weights; empty: shipped in a package
+    weights: str = ""  # torchvision's weights enum (its IMAGENET1K_V1); empty: shipped in a package
     trim: Callable[[nn.Module], None] | None = (
         None  # drops layers after the last level, once loaded
     )
+    url: str = ""  # where to download the weights, when not the enum's URL
 
 
 def _resnet_levels(net: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
@@ -69,6 +70,18 @@ def _lite0_levels(net: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     return net.stages(x)[1:4]
 
 
+def _torchvision_models() -> Any:
+    """torchvision.models, imported on first use: it takes seconds, and most commands never need it."""
+    import torchvision.models
+
+    return torchvision.models
+
+
+def weights_url(spec: Spec) -> str:
+    """Where a backbone's ImageNet weights are downloaded from: its url, else torchvision's."""
+    return spec.url or getattr(_torchvision_models(), spec.weights).IMAGENET1K_V1.url
+
+
 def _lite0() -> nn.Module:
     from defectae.models.efficientnet_lite import EfficientNetLite0
 
@@ -78,25 +91,25 @@ def _lite0() -> nn.Module:
 BACKBONES: dict[str, Spec] = {
     "efficientnet-lite0": Spec(_lite0, _lite0_levels, (24, 40, 112), (4, 8, 16)),
     "resnet18": Spec(
-        lambda: torchvision.models.resnet18(),
+        lambda: _torchvision_models().resnet18(),
         _resnet_levels,
         (64, 128, 256),
         (4, 8, 16),
-        torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url,
+        "ResNet18_Weights",
     ),
     "wide_resnet50_2": Spec(
-        lambda: torchvision.models.wide_resnet50_2(),
+        lambda: _torchvision_models().wide_resnet50_2(),
         _resnet_levels,
         (256, 512, 1024),
         (4, 8, 16),
-        torchvision.models.Wide_ResNet50_2_Weights.IMAGENET1K_V1.url,
+        "Wide_ResNet50_2_Weights",
     ),
     "vgg16": Spec(
-        lambda: torchvision.models.vgg16(),
+        lambda: _torchvision_models().vgg16(),
         _vgg_levels,
         (64, 128, 256, 512),
         (1, 2, 4, 8),
-        torchvision.models.VGG16_Weights.IMAGENET1K_V1.url,
+        "VGG16_Weights",
         _drop_vgg_classifier,
     ),
 }
@@ -156,8 +169,9 @@ def build_backbone(
     else:
         path = None
     if weights != NO_WEIGHTS:
-        state = _read_state(path, key) if path else _download_state(name, spec.url, key)
-        load_exactly(net, state, name, f"{key} '{path or spec.url}'")
+        url = "" if path else weights_url(spec)
+        state = _read_state(path, key) if path else _download_state(name, url, key)
+        load_exactly(net, state, name, f"{key} '{path or url}'")
     if spec.trim is not None:
         spec.trim(net)
     return FrozenEncoder(name, net)

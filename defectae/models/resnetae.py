@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock
 
 from defectae.errors import DefectaeError
 from defectae.models.blocks import require_multiple, require_positive_int
@@ -29,6 +28,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def _stage(inplanes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
     """A torchvision ResNet stage: the first block may downsample through a 1x1 shortcut."""
+    from torchvision.models.resnet import BasicBlock  # torchvision takes seconds to import
+
     downsample = None
     if stride != 1 or inplanes != planes:
         downsample = nn.Sequential(
@@ -60,6 +61,8 @@ class ResNetEncoder(nn.Module):
 
 def _up_block(cin: int, cout: int) -> nn.Sequential:
     """2x nearest upsampling, a 3x3 conv to `cout`, then one residual BasicBlock."""
+    from torchvision.models.resnet import BasicBlock
+
     return nn.Sequential(
         nn.Upsample(scale_factor=2, mode="nearest"),
         nn.Conv2d(cin, cout, 3, 1, 1, bias=False),

@@ -22,7 +22,6 @@ from torch import nn
 from defectae import __version__
 from defectae.errors import DefectaeError, first_line
 from defectae.files import atomic_path
-from defectae.models import build_model, get_family
 from defectae.profiles import Profile, from_dict, to_dict
 
 FORMAT_VERSION = 1
@@ -180,6 +179,8 @@ def load_model(
 
     With `expect`, a checkpoint of another model family or input size is a user error.
     """
+    from defectae.models import build_model, get_family  # torchvision: 2 s to import
+
     state = load_checkpoint(path, map_location)
     profile = profile_of(state, path)
     if expect is not None:
