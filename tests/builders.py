@@ -26,6 +26,20 @@ TINY_SYNTHETIC = [
     "dataset.val_fraction=0.25",
 ]
 
+# A one-epoch `ae` on 32 px patches of it, tiled at stride 16: seconds from prepare to score.
+TINY_TRAINING = [
+    "model.input_size=32",
+    "model.args.latent_dim=8",
+    "augment.n_patches=32",
+    "augment.n_val_patches=8",
+    "train.epochs=1",
+    "train.batch_size=16",
+    "train.compile=false",
+    "train.num_workers=0",
+    "tile.stride=16",
+    "tile.batch_size=16",
+]
+
 
 def untrained_checkpoint(run_dir: Path, profile: profiles.Profile, name: str = "best.pt") -> Path:
     """Save a freshly initialised (seed 0) model of the profile as RUN/name, a CheckpointState."""

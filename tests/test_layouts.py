@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from builders import defectae
+from builders import TINY_TRAINING, defectae
 from PIL import Image
 
 from defectae import profiles
@@ -402,24 +402,10 @@ def test_dry_run_reports_and_writes_nothing(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- end to end
 
 
-TINY_RUN = [
-    "model.input_size=32",
-    "model.args.latent_dim=8",
-    "augment.n_patches=32",
-    "augment.n_val_patches=8",
-    "train.epochs=1",
-    "train.batch_size=16",
-    "train.compile=false",
-    "train.num_workers=0",
-    "tile.stride=16",
-    "tile.batch_size=16",
-]
-
-
 @pytest.mark.slow
 def test_kolektor_tree_through_the_pipeline(tmp_path: Path) -> None:
     root, home = make_kolektor(tmp_path / "ksdd"), tmp_path / "home"
-    sets = [*KOLEKTOR, f"dataset.image_size=[{SIDE}, {SIDE}]", *TINY_RUN]
+    sets = [*KOLEKTOR, f"dataset.image_size=[{SIDE}, {SIDE}]", *TINY_TRAINING]
     profile = [*BASE, "--root", str(root), *(a for s in sets for a in ("--set", s))]
     summary = json.loads(defectae(home, "run", *profile).stdout)  # the five stages, one process
     assert [s["status"] for s in summary["stages"].values()] == ["ran"] * 5
@@ -461,7 +447,7 @@ def test_manifest_shapes_through_the_pipeline(tmp_path: Path, shape: str) -> Non
     """Each manifest shape through prepare, augment, a one-epoch train, tile-test and score
     (`defectae run`: one process for the five stages)."""
     root = tmp_path / "data"
-    sets = [*_manifest_shape(root, shape), f"dataset.image_size=[{SIDE}, {SIDE}]", *TINY_RUN]
+    sets = [*_manifest_shape(root, shape), f"dataset.image_size=[{SIDE}, {SIDE}]", *TINY_TRAINING]
     profile = [*BASE, "--root", str(root), *(a for s in sets for a in ("--set", s))]
     summary = json.loads(defectae(tmp_path / "home", "run", *profile).stdout)
     assert [s["status"] for s in summary["stages"].values()] == ["ran"] * 5

@@ -13,7 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from builders import TINY_SYNTHETIC, defectae
+from builders import TINY_SYNTHETIC, TINY_TRAINING, defectae
 from PIL import Image
 
 pytestmark = pytest.mark.slow
@@ -22,16 +22,7 @@ ORIGINAL = 80  # generated images are 80x80, prepared at 64x64: maps go back to 
 SETS = [
     *(s for s in TINY_SYNTHETIC if not s.startswith("dataset.synthetic.size")),
     f"dataset.synthetic.size={ORIGINAL}",
-    "model.input_size=32",
-    "model.args.latent_dim=8",
-    "augment.n_patches=32",
-    "augment.n_val_patches=8",
-    "train.epochs=1",
-    "train.batch_size=16",
-    "train.compile=false",
-    "train.num_workers=0",
-    "tile.stride=16",
-    "tile.batch_size=16",
+    *TINY_TRAINING,
     "tile.amp=off",  # the fp32 maps the exports reproduce
 ]
 PROFILE = ["--profile", "synthetic-ae", *(a for s in SETS for a in ("--set", s))]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import h5py
 import pytest
-from builders import TINY_SYNTHETIC, defectae
+from builders import TINY_SYNTHETIC, TINY_TRAINING, defectae
 
 from defectae import profiles
 from defectae.stores.stages import StageRecord, changed_keys, stale_reason
@@ -21,16 +21,7 @@ from defectae.stores.stages import StageRecord, changed_keys, stale_reason
 STAGES = ["prepare", "augment", "train", "tile-test", "score"]
 SETS = [
     *TINY_SYNTHETIC,
-    "model.input_size=32",
-    "model.args.latent_dim=8",
-    "augment.n_patches=32",
-    "augment.n_val_patches=8",
-    "train.epochs=1",
-    "train.batch_size=16",
-    "train.compile=false",
-    "train.num_workers=0",
-    "tile.stride=16",
-    "tile.batch_size=16",
+    *TINY_TRAINING,
     "score.panels=false",
 ]
 PROFILE = ["--profile", "synthetic-ae", *(a for s in SETS for a in ("--set", s))]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import h5py
 import pytest
-from builders import TINY_SYNTHETIC
+from builders import TINY_SYNTHETIC, TINY_TRAINING
 from sklearn.metrics import roc_auc_score
 
 from defectae.profiles.load import read_toml
@@ -23,16 +23,7 @@ from defectae.profiles.load import read_toml
 ROOT = Path(__file__).resolve().parents[1]
 SETS = [
     *TINY_SYNTHETIC,
-    "model.input_size=32",
-    "model.args.latent_dim=8",
-    "augment.n_patches=32",
-    "augment.n_val_patches=8",
-    "train.epochs=1",
-    "train.batch_size=16",
-    "train.compile=false",
-    "train.num_workers=0",
-    "tile.stride=16",
-    "tile.batch_size=16",
+    *TINY_TRAINING,
 ]
 OVERRIDES = [a for s in SETS for a in ("--set", s)]
 
