@@ -235,3 +235,18 @@ def test_bad_profile_and_missing_cuda_are_user_errors(tmp_path):
         with pytest.raises(DefectaeError, match="CUDA is not available"):
             bench.run(["synthetic-ae"], [], "cuda", tmp_path / "b.json", quick=True)
     assert not (tmp_path / "b.json").exists()
+
+
+def test_bench_predicts_with_the_profiles_tile_settings(tmp_path):
+    """A checkpoint records only the trained sections: bench's run folder must also carry the
+    profile, or predict would tile with the schema's defaults instead of the recipe's."""
+    from defectae.bench.predict_rate import _run_folder
+    from defectae.commands import predict
+
+    profile = profiles.resolve(
+        "synthetic-ae", [*TINY, "tile.stride=8", "tile.smooth_sigma=3"], None
+    )
+    model = build_model("ae", 1, 32, profile.model.args)
+    run = _run_folder(model, profile, tmp_path / "run")
+    setup = predict.make_setup(run, None, None, 0.5, False)
+    assert setup.profile.tile == profile.tile

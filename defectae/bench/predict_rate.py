@@ -17,7 +17,9 @@ from torch import nn
 
 from defectae import profiles
 from defectae.commands import predict
+from defectae.files import write_text_atomic
 from defectae.profiles import Profile
+from defectae.profiles.load import PROFILE_FILE
 from defectae.stores.checkpoint import CheckpointState, save_checkpoint
 
 PREDICT_KEYS = ("predict_images_per_s", "predict_image_size", "predict_images")
@@ -25,7 +27,8 @@ THRESHOLD = 0.5  # any value: bench measures speed, not verdicts
 
 
 def _run_folder(model: nn.Module, profile: Profile, folder: Path) -> Path:
-    """A run folder holding the model as a one-epoch checkpoint, as `train` leaves one."""
+    """A run folder as `train` leaves one: the model as a one-epoch checkpoint, and the resolved
+    profile, whose [tile] settings predict then uses (a checkpoint records only what trained)."""
     state = CheckpointState(
         model={k: v.detach().cpu() for k, v in model.state_dict().items()},
         profile=profiles.to_dict(profile),
@@ -38,6 +41,7 @@ def _run_folder(model: nn.Module, profile: Profile, folder: Path) -> Path:
     )
     folder.mkdir(parents=True, exist_ok=True)
     save_checkpoint(state, folder / "best.pt")
+    write_text_atomic(folder / PROFILE_FILE, profiles.to_toml(profile))
     return folder
 
 
