@@ -15,11 +15,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c "import torch, torchvision.ops; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 	touch $(STAMP)
 
+# One pytest worker per CPU core; a test file stays on one worker (its module fixtures are built once).
+PYTEST := $(BIN)/python -m pytest -q -n auto --dist loadfile
+
 test: install
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # The whole pipeline on the generated woven texture: the recipe profiles/synthetic-ae.toml (an `ae` on
 # 64x64 patches, a few minutes of training on a CPU; its test-time settings were chosen on validation
