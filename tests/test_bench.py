@@ -63,9 +63,8 @@ NOT_APPLICABLE_CPU = {"peak_gpu_memory_mb"}
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    start = time.perf_counter()
     summary = bench.run(["synthetic-ae"], TINY, "cpu", out, quick=True)
-    return summary, json.loads(out.read_text()), time.perf_counter() - start
+    return summary, json.loads(out.read_text())
 
 
 def _figures(saved: dict) -> dict[str, object]:
@@ -80,9 +79,8 @@ def _figures(saved: dict) -> dict[str, object]:
     return found
 
 
-def test_quick_bench_on_a_tiny_model_finishes_in_seconds(quick):
-    summary, saved, seconds = quick
-    assert seconds < 120  # --quick on a tiny model: seconds on an idle machine, generous under load
+def test_quick_bench_on_a_tiny_model_records_its_settings_and_figures(quick):
+    summary, saved = quick
     assert summary["out"].endswith("bench.json") and saved["settings"]["quick"] is True
     assert saved["machine"]["device"] == "cpu" and saved["machine"]["torch"] == torch.__version__
     fig = saved["profiles"]["synthetic-ae"]
@@ -92,7 +90,7 @@ def test_quick_bench_on_a_tiny_model_finishes_in_seconds(quick):
 
 
 def test_every_figure_is_a_finite_number_or_null_with_a_reason(quick):
-    _, saved, _ = quick
+    _, saved = quick
     unavailable = saved["unavailable"]
     assert unavailable, "--quick skips compiling, so some figures must say why they are null"
     for key, value in _figures(saved).items():
@@ -107,7 +105,7 @@ def test_every_figure_is_a_finite_number_or_null_with_a_reason(quick):
 
 
 def test_the_figures_the_readme_table_reports_exist_and_are_measured(quick):
-    _, saved, _ = quick
+    _, saved = quick
     text = README.read_text()
     fig = saved["profiles"]["synthetic-ae"]
     for row, keys in README_ROWS.items():
@@ -150,7 +148,7 @@ def _conv_flops(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
 
 
 def test_flops_match_a_count_by_hand(quick):
-    _, saved, _ = quick
+    _, saved = quick
     fig = saved["profiles"]["synthetic-ae"]
     model = build_model("ae", 1, 32, {"latent_dim": 8})
     assert not any(isinstance(m, nn.Linear) for m in model.modules())  # convolutions only
