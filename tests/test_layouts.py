@@ -473,3 +473,12 @@ def test_dry_run_names_every_manifest_problem(tmp_path: Path) -> None:
     ]
     assert sum(sum(c.values()) for c in summary["counts"].values()) == 7
     assert all(p in proc.stderr for p in ("line 4", "line 10")) and not (tmp_path / "home").exists()
+
+
+def test_an_absolute_image_pattern_is_one_line(tmp_path: Path) -> None:
+    from defectae.data.patterns import find_images
+    from defectae.profiles.schema import PatternsOptions
+
+    opts = PatternsOptions(images=[str(tmp_path / "*.png")], mask="{stem}_label.bmp")
+    with pytest.raises(DefectaeError, match="expected a glob pattern relative to root"):
+        find_images(tmp_path, opts)

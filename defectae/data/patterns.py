@@ -84,9 +84,13 @@ def find_images(root: Path, opts: PatternsOptions) -> list[Path]:
     exts = {e.lower() for e in opts.image_exts}
     found: set[Path] = set()
     for pattern in opts.images:
+        if not pattern or Path(pattern).is_absolute():
+            raise DefectaeError(
+                f"dataset.patterns.images '{pattern}': expected a glob pattern relative to root"
+            )
         try:
             hits = {p for p in root.glob(pattern) if p.is_file() and p.suffix.lower() in exts}
-        except (ValueError, NotImplementedError) as e:
+        except ValueError as e:  # e.g. '**' not a whole path component
             raise DefectaeError(f"dataset.patterns.images '{pattern}': {e}") from None
         if not hits:
             raise DefectaeError(f"dataset.patterns.images '{pattern}': matches no image in {root}")
