@@ -75,6 +75,19 @@ def good_split(images: np.ndarray) -> PreparedSplit:
     )
 
 
+def woven_attrs(profile: profiles.Profile, size: int) -> dict:
+    """prepared.h5 attributes of a hand-made gray woven dataset of size x size images."""
+    return {
+        "layout": "synthetic",
+        "source": "",
+        "category": "woven",
+        "image_size": [size, size],
+        "color": "gray",
+        "channels": 1,
+        "dataset": profiles.to_dict(profile)["dataset"],
+    }
+
+
 def defectae(home: Path, *args: str, code: int = 0) -> subprocess.CompletedProcess:
     """The installed console script, as users run it, with --json and DEFECTAE_HOME=home."""
     cmd = [str(Path(sys.executable).with_name("defectae")), "--json", *args]

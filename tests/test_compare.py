@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from builders import defectae, untrained_checkpoint
+from builders import defectae, untrained_checkpoint, woven_attrs
 from test_score import SIZE, TYPES, make_split
 
 from defectae import profiles, workspace
@@ -42,18 +42,6 @@ def splits() -> dict:
     return {"train": make_split(["good"] * 2), "validation": make_split(["good"] * 3), "test": test}
 
 
-def prepared_meta(profile: profiles.Profile) -> dict:
-    return {
-        "layout": "synthetic",
-        "source": "",
-        "category": "woven",
-        "image_size": [SIZE, SIZE],
-        "color": "gray",
-        "channels": 1,
-        "dataset": profiles.to_dict(profile)["dataset"],
-    }
-
-
 def scored_run(run: Path, profile: profiles.Profile, resolution: str | None = None) -> Path:
     """An untrained checkpoint in `run`, tile-tested and scored."""
     untrained_checkpoint(run, profile, "last.pt")
@@ -71,7 +59,7 @@ def home(tmp_path_factory) -> Path:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DEFECTAE_HOME", str(home))
         a = profiles.resolve("synthetic-ae", SETS)
-        write_prepared(workspace.prepared_path(a), splits(), prepared_meta(a))
+        write_prepared(workspace.prepared_path(a), splits(), woven_attrs(a, SIZE))
         b = profiles.resolve("synthetic-ae", SETS + OTHER_LOSS)
         run_a = scored_run(home / "runs" / "a" / "20250101-000000", a)
         state = CheckpointState.from_dict(load_checkpoint(run_a / "last.pt"))

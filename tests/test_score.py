@@ -10,7 +10,7 @@ import sys
 import h5py
 import numpy as np
 import pytest
-from builders import untrained_checkpoint
+from builders import untrained_checkpoint, woven_attrs
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -122,15 +122,7 @@ def setup(home):
     write_prepared(
         prepared,
         splits,
-        {
-            "layout": "synthetic",
-            "source": "",
-            "category": "woven",
-            "image_size": [SIZE, SIZE],
-            "color": "gray",
-            "channels": 1,
-            "dataset": profiles.to_dict(profile)["dataset"],
-        },
+        woven_attrs(profile, SIZE),
     )
     run = workspace.runs_root(profile) / "20250101-000000"
     untrained_checkpoint(run, profile, "last.pt")

@@ -34,7 +34,7 @@ from rich.table import Table
 from defectae import compare_page, console, profiles, report, workspace
 from defectae.core import metrics
 from defectae.errors import DefectaeError
-from defectae.files import atomic_path, output_file, sha256_file, write_text_atomic
+from defectae.files import output_file, sha256_file, write_text_atomic
 from defectae.profiles.load import PROFILE_FILE
 from defectae.stores.scores import CURVE_FILE, read_curve, read_scored_settings
 
@@ -159,7 +159,7 @@ def read_run(path: Path) -> ScoredRun:
     return ScoredRun(
         path=path,
         summary=summary,
-        settings={k: v for k, v in flatten(settings).items() if k not in IGNORED_KEYS},
+        settings={k: v for k, v in profiles.flatten(settings).items() if k not in IGNORED_KEYS},
         train_seconds=sum(float(t["elapsed_s"]) for t in timing) if timing else None,
         epochs=int(state.get("epoch", 0)),
         status=str(state.get("status", "")),
@@ -203,17 +203,6 @@ def _image_curve(path: Path, summary: dict[str, Any]) -> tuple[metrics.Curve | N
         scores = f["test/scores"][()].astype(np.float64)  # as score ranks them
         labels = f["test/labels"][()].astype(bool)
     return metrics.rank_curve(scores, labels), ""
-
-
-def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested tables as dotted keys: {"loss": {"beta": 1}} -> {"loss.beta": 1}; lists stay values."""
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
 
 
 def differing_settings(scored: list[ScoredRun]) -> dict[str, list[Any]]:
@@ -288,8 +277,7 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows({k: _csv_cell(v) for k, v in row.items()} for row in rows)
-    with atomic_path(path) as tmp:
-        tmp.write_text(buffer.getvalue(), encoding="utf-8")
+    write_text_atomic(path, buffer.getvalue())
 
 
 def compare_table(summary: dict[str, Any]) -> Table:

@@ -2,6 +2,7 @@
 
 from defectae.profiles.load import (
     available,
+    flatten,
     from_dict,
     load_written,
     resolve,
@@ -32,6 +33,7 @@ __all__ = [
     "TileConfig",
     "TrainConfig",
     "available",
+    "flatten",
     "from_dict",
     "load_written",
     "resolve",

@@ -382,6 +382,17 @@ def _type_name(hint: Any) -> str:
 # ----------------------------------------------------------------------------- output
 
 
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested tables as dotted keys: {"loss": {"beta": 1}} -> {"loss.beta": 1}; lists stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
 def to_dict(profile: Profile) -> dict[str, Any]:
     """The profile as plain TOML-ready data (tuples become lists)."""
 

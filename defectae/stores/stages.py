@@ -22,6 +22,7 @@ from typing import Any
 
 from defectae import __version__
 from defectae.files import write_text_atomic
+from defectae.profiles.load import flatten
 
 FORMAT = "defectae-stage"
 FORMAT_VERSION = 1
@@ -103,16 +104,10 @@ def read_record(path: Path) -> StageRecord | None:
         return None
 
 
-def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Dotted keys whose values differ between two settings dicts (nested dicts walked)."""
-    keys = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += changed_keys(a, b, f"{prefix}{key}.")
-        elif a != b:
-            keys.append(prefix + key)
-    return keys
+    a, b = flatten(old), flatten(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
 def stale_reason(
