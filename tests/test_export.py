@@ -51,10 +51,12 @@ ARTEFACTS = [
 ]
 
 
-def _split(rng: np.random.Generator, types: list[str], size: int = 64) -> PreparedSplit:
+def _split(
+    rng: np.random.Generator, types: list[str], size: tuple[int, int] = (64, 64)
+) -> PreparedSplit:
     n = len(types)
-    images = rng.integers(60, 200, (n, 1, size, size), dtype=np.uint8)
-    masks = np.zeros((n, 1, size, size), np.uint8)
+    images = rng.integers(60, 200, (n, 1, *size), dtype=np.uint8)
+    masks = np.zeros((n, 1, *size), np.uint8)
     labels = np.array([t != "good" for t in types], np.uint8)
     for i in np.flatnonzero(labels):  # a bright square defect
         images[i, :, 20:30, 24:34] = 255
@@ -66,12 +68,19 @@ def _split(rng: np.random.Generator, types: list[str], size: int = 64) -> Prepar
         types,
         [f"{i:03d}" for i in range(n)],
         [f"{t}/{i:03d}.png" for i, t in enumerate(types)],
-        np.full((n, 2), size, np.int32),
+        np.tile(np.array(size, np.int32), (n, 1)),
     )
 
 
-def make_run(root: Path, sets: list[str] = SETS, with_data: bool = True) -> Path:
-    """A run folder with an untrained tiny `ae` checkpoint; with_data adds patches.h5, prepared.h5, residuals.h5."""
+def make_run(
+    root: Path,
+    sets: list[str] = SETS,
+    with_data: bool = True,
+    size: tuple[int, int] = (64, 64),
+    attrs: dict | None = None,
+) -> Path:
+    """A run folder with an untrained tiny `ae` checkpoint; with_data adds patches.h5, prepared.h5
+    (images stored at `size`, with `attrs` added to its attributes) and residuals.h5."""
     profile = profiles.resolve("synthetic-ae", sets=sets)
     run = root / "run"
     run.mkdir(parents=True)
@@ -81,18 +90,19 @@ def make_run(root: Path, sets: list[str] = SETS, with_data: bool = True) -> Path
         prepared = write_prepared(
             root / "prepared.h5",
             {
-                "train": _split(rng, ["good"] * 2),
-                "validation": _split(rng, ["good"] * 3),
-                "test": _split(rng, TYPES),
+                "train": _split(rng, ["good"] * 2, size),
+                "validation": _split(rng, ["good"] * 3, size),
+                "test": _split(rng, TYPES, size),
             },
             {
                 "layout": "synthetic",
                 "source": "test",
                 "category": "woven",
-                "image_size": [64, 64],
+                "image_size": list(size),
                 "color": "gray",
                 "channels": 1,
                 "dataset": {"name": "synthetic"},
+                **(attrs or {}),
             },
         )
         patches = rng.integers(0, 256, (16, 1, 32, 32), dtype=np.uint8)
@@ -105,7 +115,7 @@ def make_run(root: Path, sets: list[str] = SETS, with_data: bool = True) -> Path
         ):
             for split in SPLITS:
                 n = len(src[f"{split}/labels"])
-                maps = rng.random((n, 1, 64, 64)).astype(np.float16)
+                maps = rng.random((n, 1, *size)).astype(np.float16)
                 create_split(f, src, split, False).write(0, maps, maps.max((1, 2, 3)), maps)
     return run
 
@@ -180,6 +190,8 @@ def test_metadata_holds_preprocessing_and_the_validation_threshold(exported):
             and m["input"]["channels"] == 1
         )
         assert "255" in m["input"]["scaling"]
+        assert m["input"]["resize"] == "bilinear to image_size (as `defectae prepare`)"
+        assert m["input"]["intensity"] == {"mode": "none"}
         assert m["threshold"]["value"] == pytest.approx(expected.value)
         assert m["patch_size"] == 32 and m["tile"]["stride"] == 16
     _, recon_meta = _load_ts(out / "model.pt")
@@ -323,6 +335,63 @@ def test_cli_unknown_format_exits_2_with_one_red_line(tmp_path):
     )
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().count("\n") == 0 and "--format 'tflite'" in proc.stderr
+
+
+# short side 64: prepare stores its 2:3 images at 64x96, which image_size alone cannot tell
+SHORT_SIDE = [*SETS, "dataset.image_size=[64, 80]", "dataset.resize=short-side"]
+
+
+def test_a_short_side_run_exports_for_the_size_its_prepared_file_stores(tmp_path):
+    run = make_run(tmp_path, SHORT_SIDE, size=(64, 96), attrs={"resize": "short-side"})
+    summary = export.run(run, "torchscript", int8=False, out=None)
+    assert "3 validation images" in summary["verified_on"]  # the stored 64x96 ones, not random
+    inspector, meta = _load_ts(run / "export" / "inspector.pt")
+    assert meta["input"]["shape"] == ["batch", 1, 64, 96]
+    assert meta["input"]["image_size"] == [64, 96]
+    assert meta["outputs"]["residual"] == ["batch", 1, 64, 96]
+    assert meta["input"]["resize"].startswith("short side to 64, long side to the nearest multiple")
+    assert meta["input"]["resize"].endswith("this export expects 64x96")
+    with h5py.File(tmp_path / "prepared.h5", "r") as f:
+        images = torch.from_numpy(f["validation/images"][:2]).float() / 255
+    model, _, _ = load_model(run / "best.pt")
+    tile = profiles.resolve("synthetic-ae", sets=SHORT_SIDE).tile
+    with torch.no_grad():
+        want = Inspector(model, patch_size=32, **tile.inspector_options())(images)
+        for got, ref in zip(inspector(images), want, strict=True):
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_intensity_mode_and_training_targets_are_in_the_metadata(tmp_path, home):
+    sets = [*SETS, "dataset.intensity=mean-std"]
+    targets = {"intensity": "mean-std", "intensity_mean": 117.25, "intensity_std": 31.5}
+    run = make_run(tmp_path / "a", sets, attrs=targets)
+    export.run(run, "torchscript", int8=False, out=None)
+    with h5py.File(tmp_path / "a" / "prepared.h5", "r") as f:
+        mean, std = f.attrs["intensity_mean"], f.attrs["intensity_std"]
+    for name in ("inspector.pt", "model.pt"):
+        intensity = _load_ts(run / "export" / name)[1]["input"]["intensity"]
+        assert intensity["mode"] == "mean-std"
+        assert (intensity["mean"], intensity["std"]) == (mean, std) == (117.25, 31.5)
+        assert "defectae.data.lighting.normalise_intensity" in intensity["how"]
+    bare = make_run(tmp_path / "b", sets, with_data=False)
+    with pytest.raises(
+        DefectaeError, match=r"dataset.intensity = 'mean-std'.*prepared.h5, not found"
+    ):
+        export.run(bare, "torchscript", int8=False, out=None)
+
+
+def test_cli_short_side_run_without_its_prepared_file_exits_2_with_one_line(tmp_path, home):
+    run = make_run(tmp_path, SHORT_SIDE, with_data=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "defectae", "export", "--run", str(run), "--format", "torchscript"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().count("\n") == 0
+    assert "short-side" in proc.stderr and "prepared.h5, not found" in proc.stderr
+    assert not (run / "export").exists()
 
 
 def test_metadata_helpers_round_trip_bytes():

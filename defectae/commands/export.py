@@ -6,10 +6,13 @@ Two artefacts per format, both from the run's checkpoint and both on the CPU:
     inspector.{pt,onnx}  (B, C, H, W) image in [0, 1] -> "residual" (B, 1, H, W), "score" (B,),
                          "recon" (B, C, H, W): `defectae.core.inspector.Inspector`, so tiling, fusion
                          and the residual are the same code as tile-test, traced for H x W =
-                         dataset.image_size.
+                         dataset.image_size, or with dataset.resize = "short-side" the one
+                         size the run's prepared.h5 stores its images at.
 The batch axis is dynamic. Each file carries "defectae.json" (TorchScript: an extra file;
-ONNX: metadata_props) with the preprocessing (size, colour, scaling) and the validation-derived
-pixel threshold (from RUN/score/metrics.json, else from RUN/residuals.h5's validation maps).
+ONNX: metadata_props) with the preprocessing (size, resizing, colour, scaling, and the
+dataset.intensity normalisation with its training targets, which stays outside the graph)
+and the validation-derived pixel threshold (from RUN/score/metrics.json, else from
+RUN/residuals.h5's validation maps).
 `--int8` adds model_int8.pt and inspector_int8.pt: PyTorch's quantized CPU kernels, static
 (calibrated on validation patches) where the model's layers allow it, else dynamic for Linear
 layers; its accuracy cost is the change in image and pixel AUROC on the test images.
@@ -91,6 +94,15 @@ class ReferenceData:
 
 
 @dataclass(frozen=True)
+class ImageInput:
+    """The images the inspector takes: prepared as `defectae prepare` prepared the run's."""
+
+    size: tuple[int, int]  # (H, W) the inspector is traced and checked at
+    resize: str  # how to bring an image to `size`, for a user on the line
+    intensity: dict[str, Any]  # dataset.intensity and its training targets, applied outside
+
+
+@dataclass(frozen=True)
 class Job:
     """What every artefact of one export shares."""
 
@@ -100,6 +112,7 @@ class Job:
     whole_image: bool
     threshold: dict[str, Any]
     tolerance: float
+    image: ImageInput
     normalization: tuple[torch.Tensor, torch.Tensor] | None = None  # tile.normalize statistics
 
 
@@ -107,11 +120,12 @@ class Job:
 
 
 def reference_data(
-    run: Path, profile: Profile, state: dict[str, Any], seed: int = 0
+    run: Path, profile: Profile, state: dict[str, Any], size: tuple[int, int], seed: int = 0
 ) -> ReferenceData:
-    """Validation patches (the run's patches.h5) and images (prepared.h5), else random inputs."""
+    """Validation patches (the run's patches.h5) and (H, W) = size images (prepared.h5), else
+    random inputs."""
     c, p = profile.dataset.channels, profile.model.input_size
-    h, w = profile.dataset.image_size
+    h, w = size
     sources: list[str] = []
     patches = calibration = images = None
     if state.get("patches") and Path(state["patches"]).is_file():
@@ -152,15 +166,77 @@ def reference_data(
     return ReferenceData(patches, images, calibration, "; ".join(sources), prepared)
 
 
-def _prepared_file(run: Path, profile: Profile) -> Path | None:
-    """The prepared file tile-test used (recorded in residuals.h5), else the workspace default."""
+def _prepared_candidates(run: Path, profile: Profile) -> list[Path]:
+    """The prepared file tile-test used (recorded in residuals.h5), then the workspace default."""
     candidates = []
     residuals = run / "residuals.h5"
     if residuals.is_file():
         with contextlib.suppress(DefectaeError, KeyError), open_residuals(residuals) as f:
             candidates.append(Path(str(f.attrs["prepared"])))
     candidates.append(workspace.prepared_path(profile))
-    return next((c for c in candidates if c.is_file()), None)
+    return candidates
+
+
+def _prepared_file(run: Path, profile: Profile) -> Path | None:
+    """The first of `_prepared_candidates` that exists."""
+    return next((c for c in _prepared_candidates(run, profile) if c.is_file()), None)
+
+
+def image_input(run: Path, profile: Profile, ckpt: Path) -> ImageInput:
+    """The inspector's input size, resizing and intensity normalisation, as prepare made them.
+
+    A "stretch" run's size is dataset.image_size; a "short-side" run's, and any run's
+    dataset.intensity targets, are recorded only in the run's prepared.h5, which must then exist.
+    """
+    ds = profile.dataset
+    prepared = _prepared_file(run, profile)
+
+    def need(what: str) -> Path:
+        if prepared is None:
+            looked = " or ".join(str(c) for c in _prepared_candidates(run, profile))
+            raise DefectaeError(
+                f"{ckpt}: {what} is recorded only in the run's prepared.h5, not found ({looked})"
+            )
+        return prepared
+
+    size = (int(ds.image_size[0]), int(ds.image_size[1]))
+    resize = "bilinear to image_size (as `defectae prepare`)"
+    if ds.resize == "short-side":
+        path = need("dataset.resize = 'short-side': the exported inspector's input size")
+        with open_prepared(path, ds.channels) as f:
+            stored = tuple(int(s) for s in f.attrs["image_size"])
+            made = str(f.attrs.get("resize", "stretch"))
+        if made != "short-side" or min(stored) != min(size):
+            raise DefectaeError(
+                f"{path}: prepared with resize = '{made}' at {stored[0]}x{stored[1]}, not as "
+                f"{ckpt} was trained (short side {min(size)}); run `defectae prepare` again"
+            )
+        size = (stored[0], stored[1])
+        resize = (
+            f"short side to {min(size)}, long side to the nearest multiple of 8, bilinear "
+            f"(as `defectae prepare`); this export expects {size[0]}x{size[1]}"
+        )
+    intensity: dict[str, Any] = {"mode": ds.intensity}
+    if ds.intensity != "none":
+        path = need(f"dataset.intensity = '{ds.intensity}': the training images' targets")
+        with open_prepared(path, ds.channels) as f:
+            if "intensity_mean" not in f.attrs:
+                raise DefectaeError(
+                    f"{path}: no intensity_mean / intensity_std attributes, so not prepared with "
+                    f"{ckpt}'s dataset.intensity = '{ds.intensity}'; run `defectae prepare` again"
+                )
+            mean, std = float(f.attrs["intensity_mean"]), float(f.attrs["intensity_std"])
+        scaled = " and standard deviation" if ds.intensity == "mean-std" else ""
+        intensity.update(
+            mean=mean,
+            std=std,
+            how=(
+                f"after resizing, move each uint8 image's mean{scaled} over all its pixels and "
+                "channels to these targets with defectae.data.lighting.normalise_intensity"
+                f"(image, '{ds.intensity}', mean, std), before scaling to [0, 1]"
+            ),
+        )
+    return ImageInput(size, resize, intensity)
 
 
 def test_settings(run: Path, profile: Profile) -> tuple[TileConfig, dict[str, Any]]:
@@ -232,7 +308,7 @@ def _formats(requested: str) -> tuple[str, ...]:
 def _metadata(job: Job, kind: str, precision: str, output: str = "recon") -> dict[str, Any]:
     profile = job.profile
     c, p = profile.dataset.channels, profile.model.input_size
-    h, w = profile.dataset.image_size
+    h, w = job.image.size
     size = [p, p] if kind == "reconstruction" else [h, w]
     meta: dict[str, Any] = {
         "format": "defectae-export",
@@ -252,7 +328,8 @@ def _metadata(job: Job, kind: str, precision: str, output: str = "recon") -> dic
             "color": profile.dataset.color,
             "channels": c,
             "image_size": size,
-            "resize": "bilinear to image_size (as `defectae prepare`)",
+            "resize": job.image.resize,
+            "intensity": job.image.intensity,  # per whole image, before any patch is cut
             "scaling": "float32(pixel) / 255: uint8 [0, 255] -> [0, 1]",
         },
     }
@@ -425,20 +502,18 @@ def run(
     require_trained(ckpt, allow_unfinished)
     model, profile, state = load_model(ckpt, "cpu")
     family = get_family(profile.model.family)
-    if profile.dataset.resize != "stretch":
-        raise DefectaeError(
-            f"{ckpt}: dataset.resize = '{profile.dataset.resize}': export builds its inspector "
-            "for dataset.image_size and supports only resize = 'stretch' so far"
-        )
+    image = image_input(run, profile, ckpt)
     out = output_dir(out if out is not None else run / "export")
-    data = reference_data(run, profile, state)
+    data = reference_data(run, profile, state, image.size)
     tile, threshold = test_settings(run, profile)
     profile = dataclasses.replace(profile, tile=tile)
     if threshold["value"] is None:
         console.warn(f"no validation threshold stored in the exports: {threshold['reason']}")
     console.info(f"export {profile.name} ({family.name}) from {ckpt}: checking on {data.source}")
     normalization = run_normalization(run, tile)
-    job = Job(profile, ckpt, family.name, family.whole_image, threshold, tolerance, normalization)
+    job = Job(
+        profile, ckpt, family.name, family.whole_image, threshold, tolerance, image, normalization
+    )
 
     artefacts = _fp32_artefacts(job, model, formats, data)
     int8_summary = None
