@@ -162,3 +162,39 @@ def test_a_reconstruction_export_is_refused(scored):
         code=2,
     )
     assert len(errors(proc)) == 1 and "inspector" in errors(proc)[0]
+
+
+def _short_side_setup(fixed_size: tuple[int, int] | None):
+    from defectae.commands.predict import Setup
+    from defectae.profiles import resolve
+
+    profile = resolve("synthetic-ae", ["dataset.resize=short-side", "dataset.image_size=[64, 64]"])
+    return Setup(profile, None, "inspector.pt", {}, ("none", 0.0, 0.0), 1, fixed_size)
+
+
+def test_a_short_side_export_takes_the_images_that_reach_its_traced_size(tmp_path):
+    from defectae.commands.predict import read_one
+    from defectae.errors import DefectaeError
+
+    square, wide = tmp_path / "square.png", tmp_path / "wide.png"
+    Image.fromarray(np.full((80, 80), 128, np.uint8)).save(square)
+    Image.fromarray(np.full((80, 120), 128, np.uint8)).save(wide)
+    setup = _short_side_setup((64, 64))
+    assert read_one(square, Path("square"), setup).pixels.shape == (1, 64, 64)
+    with pytest.raises(DefectaeError, match=r"wide.png: 80x120 becomes 64x96.*only 64x64"):
+        read_one(wide, Path("wide"), setup)
+    assert read_one(wide, Path("wide"), _short_side_setup(None)).pixels.shape == (1, 64, 96)
+
+
+def test_a_short_side_export_must_share_the_runs_short_side(tmp_path):
+    from defectae.commands.predict import _check_export
+    from defectae.errors import DefectaeError
+
+    profile = _short_side_setup(None).profile
+    meta = {"format": "defectae-export", "artefact": "inspector"}
+    ckpt = tmp_path / "best.pt"
+    ckpt.write_bytes(b"x")
+    given = {"channels": 1, "color": "gray"}
+    _check_export(tmp_path, {**meta, "input": {**given, "image_size": [64, 96]}}, profile, ckpt)
+    with pytest.raises(DefectaeError, match=r"image_size \[48, 72\].*short side of 64"):
+        _check_export(tmp_path, {**meta, "input": {**given, "image_size": [48, 72]}}, profile, ckpt)

@@ -78,6 +78,7 @@ class Setup:
     threshold: dict[str, Any]  # value, and where it came from
     intensity: tuple[str, float, float]  # dataset.intensity and its training targets
     step: int  # images per forward step
+    fixed_size: tuple[int, int] | None = None  # an export's traced (H, W); None: any size
 
 
 @dataclass
@@ -177,7 +178,14 @@ def read_one(path: Path, name: Path, setup: Setup) -> Loaded:
             f"{path}: {found[0]}-channel {found[1]} image converted to {ds.color} "
             f"({ds.channels} channel{'s' if ds.channels > 1 else ''}), the run's colour mode"
         )
-    pixels = resize_image(image, _inspector_size(image.shape[:2], setup.profile)).transpose(2, 0, 1)
+    size = _inspector_size(image.shape[:2], setup.profile)
+    if setup.fixed_size is not None and size != setup.fixed_size:
+        raise DefectaeError(
+            f"{path}: {image.shape[0]}x{image.shape[1]} becomes {size[0]}x{size[1]} "
+            f"(dataset.resize = 'short-side'), but {setup.source} takes only "
+            f"{setup.fixed_size[0]}x{setup.fixed_size[1]}; predict with the checkpoint instead"
+        )
+    pixels = resize_image(image, size).transpose(2, 0, 1)
     mode, mean, std = setup.intensity
     if mode != "none":
         pixels = normalise_intensity(pixels, mode, mean, std)
@@ -381,18 +389,22 @@ def _check_export(path: Path, meta: dict[str, Any], profile: Profile, ckpt: Path
             "(inspector.pt or inspector.onnx), which makes whole-image maps"
         )
     ds, given = profile.dataset, meta.get("input", {})
-    want = {"image_size": list(ds.image_size), "channels": ds.channels, "color": ds.color}
+    want: dict[str, Any] = {"channels": ds.channels, "color": ds.color}
+    if ds.resize == "stretch":
+        want["image_size"] = list(ds.image_size)
+    else:
+        size = given.get("image_size")
+        if not (isinstance(size, list) and len(size) == 2 and min(size) == min(ds.image_size)):
+            raise DefectaeError(
+                f"--from-export {path}: made for input image_size {size}, the run's images "
+                f"have a short side of {min(ds.image_size)} (dataset.resize = 'short-side')"
+            )
     for key, value in want.items():
         if given.get(key) != value:
             raise DefectaeError(
                 f"--from-export {path}: made for input {key} {given.get(key)}, "
                 f"the run's images have {value}"
             )
-    if ds.resize != "stretch":
-        raise DefectaeError(
-            f"--from-export {path}: the run has dataset.resize = '{ds.resize}'; "
-            "exports take only dataset.image_size (resize = 'stretch')"
-        )
     if meta.get("checkpoint_sha256") != sha256_file(ckpt):
         console.warn(f"{path}: exported from another checkpoint than {ckpt}")
     if json.loads(json.dumps(meta.get("tile"))) != json.loads(json.dumps(to_dict(profile.tile))):
@@ -470,15 +482,24 @@ def make_setup(
     tile, chosen = run_settings(run, trained, threshold)
     profile = dataclasses.replace(trained, tile=tile)
     whole_image = get_family(profile.model.family).whole_image
+    fixed_size = None
     if from_export is not None:
         engine, meta = _load_export(from_export)
         _check_export(from_export, meta, profile, ckpt)
         source = str(from_export)
+        if profile.dataset.resize != "stretch":
+            fixed_size = (int(meta["input"]["image_size"][0]), int(meta["input"]["image_size"][1]))
     else:
         model, _, _ = load_model(ckpt, "cpu")
         engine, source = checkpoint_engine(model, profile, run), str(ckpt)
     return Setup(
-        profile, engine, source, chosen, _intensity(run, profile), _step(profile, whole_image)
+        profile,
+        engine,
+        source,
+        chosen,
+        _intensity(run, profile),
+        _step(profile, whole_image),
+        fixed_size,
     )
 
 
