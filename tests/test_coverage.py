@@ -187,3 +187,22 @@ def test_even_sampling_represents_the_bright_border(tmp_path, bright_border, mon
     report = augment.run(prof, bright_border, tmp_path / "patches.h5")["intensity"]
     assert report["tv_distance"] < 0.1 and not warned
     assert report["near_white"]["patches"] >= 0.9 * report["near_white"]["images"]
+
+
+def test_reflect_pad_crops_show_the_mirror_seams_tile_test_pads_with():
+    from defectae.data.sampling import make_plan, write_split
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (1, 1, 16, 16), dtype=np.uint8)
+    padded = np.pad(image[0], ((0, 0), (6, 6), (6, 6)), mode="reflect")
+    windows = {
+        padded[:, y : y + 8, x : x + 8].tobytes() for y in range(0, 21) for x in range(0, 21)
+    }
+    inside = {image[0, :, y : y + 8, x : x + 8].tobytes() for y in range(9) for x in range(9)}
+    plan = make_plan("train", 200, 1, seed=0)
+    out = np.zeros((200, 1, 8, 8), np.uint8)
+    write_split(image, out, plan, None, 0, 64, lambda n: None, "even", reflect_pad=6)
+    crops = {p.tobytes() for p in out}
+    assert crops <= windows and crops - inside  # every crop is of the padded image, some cross it
+    write_split(image, out, plan, None, 0, 64, lambda n: None, "even")
+    assert {p.tobytes() for p in out} <= inside

@@ -181,6 +181,7 @@ def make_patches(
             block,
             advance,
             cfg.sampling,
+            0 if cfg.whole_image else cfg.reflect_pad,
         )
         write_split(
             f["validation/images"],
@@ -191,6 +192,7 @@ def make_patches(
             block,
             advance,
             cfg.sampling,
+            0 if cfg.whole_image else cfg.reflect_pad,
         )
         report = compare_levels(patches, image_levels(f["train/images"]))
         write_attrs(pf, {"intensity": report})
@@ -206,10 +208,12 @@ def write_split(
     block: int,
     advance: Callable[[int], None],
     sampling: str = "even",
+    reflect_pad: int = 0,
 ) -> np.ndarray:
     """Make the planned patches block by block; each source image is read once per block.
 
-    Returns the `level_counts` of all the patches written.
+    With `reflect_pad` each image is reflect-padded first (at most to one less than its side,
+    as numpy allows). Returns the `level_counts` of all the patches written.
     """
     _, c, size, _ = out.shape
     counts = np.zeros(256, np.int64)
@@ -221,6 +225,9 @@ def write_split(
         bounds = np.flatnonzero(np.diff(sources[by_image])) + 1
         for rows in np.split(by_image, bounds):
             image = images[int(sources[rows[0]])]  # (C, H, W), one chunk read
+            if reflect_pad > 0:
+                pad = min(reflect_pad, image.shape[1] - 1, image.shape[2] - 1)
+                image = np.pad(image, ((0, 0), (pad, pad), (pad, pad)), mode="reflect")
             for row in rows:
                 buf[row] = sample_patch(
                     image, size, cfg, sample_rng(seed, plan.split, int(samples[row])), sampling

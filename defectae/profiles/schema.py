@@ -237,6 +237,13 @@ class AugmentConfig:
         doc="crop placement: even covers border and centre pixels alike; uniform-origin "
         "(the old default) covers a corner pixel ~input_size times less often than the centre",
     )
+    reflect_pad: int = opt(
+        0,
+        0,
+        None,
+        doc="reflect-pad each image by this many pixels before cropping, so patches show the "
+        "mirror seams tile.border_pad makes at test time (for families that flag them: draem)",
+    )
     rotation_prob: float = opt(0.0, 0.0, 1.0)
     max_angle: float = opt(
         0.0, 0.0, 180.0, doc="rotate by up to +-angle, then crop the largest inscribed square"
