@@ -108,3 +108,25 @@ def test_padding_beyond_the_image_is_refused():
 
     with pytest.raises(DefectaeError, match="tile.border_pad 40"):
         Inspector(nn.Identity(), patch_size=32, stride=8, border_pad=40)(torch.rand(1, 1, 40, 40))
+
+
+def test_border_excess_sees_a_raised_frame_and_not_plain_noise():
+    from defectae.core.residuals import BorderExcess
+
+    noise = torch.rand(40, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    plain = BorderExcess()
+    plain.add(noise[:25])
+    plain.add(noise[25:])  # accumulated over batches as tile-test adds them
+    r = plain.result()
+    frame = 1 - (48 / 64) ** 2  # the band's share of the map: where a random maximum falls
+    assert r["maps"] == 40 and abs(r["ratio"] - 1) < 0.02 and r["maxima_share"] < frame + 0.25
+    raised = noise.clone()
+    raised[..., :2, :] += 1.0
+    framed = BorderExcess()
+    framed.add(raised)
+    r = framed.result()
+    band = 2 * 64 / (64 * 64 - 48 * 48)  # the raised rows' share of the band
+    assert r["maxima_share"] == 1.0 and r["ratio"] == pytest.approx(1 + 2 * band, rel=0.05)
+    beyond = BorderExcess(margin=2)  # a frame the image score ignores is not counted
+    beyond.add(raised)
+    assert beyond.result()["maxima_share"] < frame + 0.25

@@ -218,8 +218,10 @@ def test_cli_json_summary_and_exit_code(setup, monkeypatch):
         "seconds",
         "images_per_s",
         "model_share",
+        "validation_border",
         "export_maps",
     }
+    assert summary["validation_border"]["maps"] > 0
     assert summary["images"] == 8 and summary["export_maps"] is None
     bad = subprocess.run(
         [

@@ -33,7 +33,7 @@ from defectae import device as devices
 from defectae.core import latent
 from defectae.core.inspector import Inspector, inspect_uint8
 from defectae.core.normalize import MapStatistics, normalize_maps
-from defectae.core.residuals import image_scores, resize_map
+from defectae.core.residuals import BorderExcess, image_scores, resize_map
 from defectae.core.tiling import tile_origins
 from defectae.device import amp_dtype, compile_or_eager, resolve_device
 from defectae.errors import DefectaeError
@@ -53,6 +53,7 @@ from defectae.stores.residuals import (
 )
 
 MIN_VALIDATION = 10  # good validation images below which map statistics are unreliable
+MIN_BORDER_MAPS = 5  # good validation maps needed before their border excess is a warning
 PRIOR_SAMPLES, PRIOR_SEED = 16, 0  # the decoded prior grid of VAE runs
 
 
@@ -142,8 +143,11 @@ def _validation_first(
     device: torch.device,
     tile: TileConfig,
     advance: Callable[[int], None],
-) -> None:
-    """Validation maps, then (with tile.normalize) their statistics, which normalise every map."""
+) -> dict[str, float] | None:
+    """Validation maps, then (with tile.normalize) their statistics, which normalise every map.
+
+    Returns the validation maps' `BorderExcess` as the image score sees them (None without maps).
+    """
     batches = list(_inspect_split(src, "validation", inspector, step, device))
     if tile.normalize != "none":
         stats = MapStatistics()
@@ -160,6 +164,20 @@ def _validation_first(
         inspector.normalize_with(mean, std)
         batches = _normalized(batches, mean, std, tile)
     _write_split(src, dst, "validation", batches, tile.save_reconstructions, None, advance)
+    if not batches:
+        return None
+    excess = BorderExcess(tile.score_margin)
+    for batch in batches:
+        excess.add(batch[1])
+    border = excess.result()
+    if border["maps"] >= MIN_BORDER_MAPS and border["maxima_share"] >= 0.5:
+        console.warn(
+            f"the highest value of {border['maxima_share']:.0%} of the {border['maps']} good "
+            f"validation maps lies within {border['band']} px of the image border (maps "
+            f"{border['ratio']:.1f}x higher there), so the border decides their image scores; "
+            "see tile.score_margin, tile.border_pad and augment.reflect_pad"
+        )
+    return border
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,7 +311,7 @@ def run(
             with torch.inference_mode(), console.progress() as bar:
                 task = bar.add_task("tile-test", total=total)
                 advance = functools.partial(bar.advance, task)
-                _validation_first(src, dst, inspector, step, device, tile, advance)
+                border = _validation_first(src, dst, inspector, step, device, tile, advance)
                 batches = _inspect_split(src, "test", inspector, step, device)
                 _write_split(src, dst, "test", batches, tile.save_reconstructions, export, advance)
             loop_seconds = time.perf_counter() - loop_start
@@ -317,5 +335,6 @@ def run(
         "seconds": round(time.perf_counter() - started, 3),
         "images_per_s": rate,
         "model_share": model_share,
+        "validation_border": border,
         "export_maps": str(export_maps) if export_maps is not None else None,
     }

@@ -175,6 +175,45 @@ def image_scores(
     return flat.topk(k, dim=1).values.mean(1)
 
 
+BORDER_BAND = 8  # pixels: the frame whose excess `BorderExcess` measures
+
+
+class BorderExcess:
+    """How much a set of (good) maps is raised at the image border, inside the frame the image
+    score ignores (`margin`), accumulated batch by batch: the mean within `band` pixels of the
+    border over the mean elsewhere ("ratio"), and the share of maps whose maximum lies within
+    it ("maxima_share"; about 4 x band / side for maps without border excess)."""
+
+    def __init__(self, margin: int = 0, band: int = BORDER_BAND) -> None:
+        self.margin, self.band = margin, band
+        self.edge_sum = self.inner_sum = 0.0
+        self.edge_count = self.inner_count = self.maps = self.at_edge = 0
+
+    def add(self, maps: torch.Tensor) -> None:
+        """(B, 1, H, W) maps."""
+        m, b = self.margin, self.band
+        h, w = int(maps.shape[2]), int(maps.shape[3])
+        maps = maps[:, 0, m : h - m, m : w - m].double()
+        edge = torch.zeros(maps.shape[1:], dtype=torch.bool)
+        edge[:b], edge[-b:], edge[:, :b], edge[:, -b:] = True, True, True, True
+        self.edge_sum += float(maps[:, edge].sum())
+        self.inner_sum += float(maps[:, ~edge].sum())
+        self.edge_count += int(edge.sum()) * len(maps)
+        self.inner_count += int((~edge).sum()) * len(maps)
+        self.at_edge += int(edge.flatten()[maps.flatten(1).argmax(1)].sum())
+        self.maps += len(maps)
+
+    def result(self) -> dict[str, float]:
+        inner = self.inner_sum / max(self.inner_count, 1)
+        edge = self.edge_sum / max(self.edge_count, 1)
+        return {
+            "ratio": edge / inner if inner > 0 else float("inf"),
+            "maxima_share": self.at_edge / max(self.maps, 1),
+            "band": self.band,
+            "maps": self.maps,
+        }
+
+
 def resize_map(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Maps (B, 1, H, W) resized bilinearly (align_corners=False) to `size` = (H, W), as float32:
     the one way a map goes back to its image's original resolution."""
