@@ -325,14 +325,26 @@ def test_bad_inputs_are_one_line_errors(tmp_path, monkeypatch):
     assert not (run / "export").exists()
 
 
-def test_cli_unknown_format_exits_2_with_one_red_line(tmp_path):
-    run = make_run(tmp_path, with_data=False)
-    proc = subprocess.run(
-        [sys.executable, "-m", "defectae", "export", "--run", str(run), "--format", "tflite"],
+def _cli_export(run: Path, fmt: str) -> subprocess.CompletedProcess:
+    """`defectae export --run RUN --format FMT` through the installed console script."""
+    return subprocess.run(
+        [
+            str(Path(sys.executable).with_name("defectae")),
+            "export",
+            "--run",
+            str(run),
+            "--format",
+            fmt,
+        ],
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def test_cli_unknown_format_exits_2_with_one_red_line(tmp_path):
+    run = make_run(tmp_path, with_data=False)
+    proc = _cli_export(run, "tflite")
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().count("\n") == 0 and "--format 'tflite'" in proc.stderr
 
@@ -382,12 +394,7 @@ def test_intensity_mode_and_training_targets_are_in_the_metadata(tmp_path, home)
 
 def test_cli_short_side_run_without_its_prepared_file_exits_2_with_one_line(tmp_path, home):
     run = make_run(tmp_path, SHORT_SIDE, with_data=False)
-    proc = subprocess.run(
-        [sys.executable, "-m", "defectae", "export", "--run", str(run), "--format", "torchscript"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = _cli_export(run, "torchscript")
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().count("\n") == 0
     assert "short-side" in proc.stderr and "prepared.h5, not found" in proc.stderr
