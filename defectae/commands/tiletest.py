@@ -143,7 +143,7 @@ def _validation_first(
     device: torch.device,
     tile: TileConfig,
     advance: Callable[[int], None],
-) -> dict[str, float] | None:
+) -> dict[str, Any] | None:
     """Validation maps, then (with tile.normalize) their statistics, which normalise every map.
 
     Returns the validation maps' `BorderExcess` as the image score sees them (None without maps).
@@ -170,12 +170,15 @@ def _validation_first(
     for batch in batches:
         excess.add(batch[1])
     border = excess.result()
+    if tile.normalize != "none":
+        border["ratio"] = None  # z-scores average near zero: a ratio of their means says nothing
     if border["maps"] >= MIN_BORDER_MAPS and border["maxima_share"] >= 0.5:
+        higher = f" (maps {border['ratio']:.2f}x higher there)" if border["ratio"] else ""
         console.warn(
             f"the highest value of {border['maxima_share']:.0%} of the {border['maps']} good "
-            f"validation maps lies within {border['band']} px of the image border (maps "
-            f"{border['ratio']:.1f}x higher there), so the border decides their image scores; "
-            "see tile.score_margin, tile.border_pad and augment.reflect_pad"
+            f"validation maps lies within {border['band']} px of the image border{higher}, so "
+            "the border decides their image scores; see tile.score_margin, tile.border_pad "
+            "and augment.reflect_pad"
         )
     return border
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -203,7 +204,7 @@ class BorderExcess:
         self.at_edge += int(edge.flatten()[maps.flatten(1).argmax(1)].sum())
         self.maps += len(maps)
 
-    def result(self) -> dict[str, float]:
+    def result(self) -> dict[str, Any]:
         inner = self.inner_sum / max(self.inner_count, 1)
         edge = self.edge_sum / max(self.edge_count, 1)
         return {
