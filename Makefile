@@ -41,6 +41,7 @@ demo: install
 # Magnetic Tile is read from MT_ROOT (not in this repository), trained on the DifferNet split.
 MT_ROOT ?= ../shared/data/magnetic_tile
 RECIPES ?= synthetic-ae synthetic-dae synthetic-cnnae synthetic-rd synthetic-dfr synthetic-draem \
+  synthetic-grid-rd synthetic-grid-dfr synthetic-grid-draem \
   magnetic-tile-ae magnetic-tile-dae magnetic-tile-cnnae magnetic-tile-rd magnetic-tile-dfr \
   magnetic-tile-draem
 RESULTS ?= results

@@ -273,3 +273,14 @@ def test_non_finite_numbers_are_refused(item: str) -> None:
     key = item.split("=")[0]
     with pytest.raises(DefectaeError, match=rf"key '{key}': expected a finite number"):
         profiles.resolve("magnetic-tile-ae", sets=[item])
+
+
+def test_every_shipped_recipe_resolves_and_is_in_make_results():
+    repo = Path(__file__).resolve().parents[1]
+    text = (repo / "Makefile").read_text().replace("\\\n", " ")
+    line = next(x for x in text.splitlines() if x.startswith("RECIPES ?="))
+    listed = line.split("=", 1)[1].split()
+    shipped = sorted(p.stem for p in (repo / "profiles").glob("*.toml"))
+    assert sorted(listed) == shipped
+    for name in shipped:
+        assert profiles.resolve(name).name == name
