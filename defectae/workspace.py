@@ -28,6 +28,15 @@ def prepared_path(profile: Profile) -> Path:
     return home() / "work" / profile.dataset.name / "prepared.h5"
 
 
+def run_prepared_candidates(run: Path, profile: Profile) -> list[Path]:
+    """Where a run's prepared.h5 may be, in order: the file its residuals.h5 records (tile-test
+    read it), then the workspace default."""
+    from defectae.stores.residuals import recorded_prepared  # h5py and torch: not at CLI start
+
+    recorded = recorded_prepared(run / "residuals.h5")
+    return [*([recorded] if recorded else []), prepared_path(profile)]
+
+
 def patches_path(profile: Profile) -> Path:
     return home() / "work" / profile.name / "patches.h5"
 

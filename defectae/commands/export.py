@@ -25,7 +25,6 @@ artefact is within the tolerance.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -51,9 +50,8 @@ from defectae.models import get_family
 from defectae.profiles import Profile, TileConfig, to_dict, write_profile
 from defectae.stores.checkpoint import checkpoint_in, load_model, require_trained
 from defectae.stores.patches import open_patches
-from defectae.stores.prepared import open_prepared
+from defectae.stores.prepared import intensity_targets, open_prepared
 from defectae.stores.residuals import (
-    open_residuals,
     read_tile,
     read_validation_maps,
     run_normalization,
@@ -166,20 +164,9 @@ def reference_data(
     return ReferenceData(patches, images, calibration, "; ".join(sources), prepared)
 
 
-def _prepared_candidates(run: Path, profile: Profile) -> list[Path]:
-    """The prepared file tile-test used (recorded in residuals.h5), then the workspace default."""
-    candidates = []
-    residuals = run / "residuals.h5"
-    if residuals.is_file():
-        with contextlib.suppress(DefectaeError, KeyError), open_residuals(residuals) as f:
-            candidates.append(Path(str(f.attrs["prepared"])))
-    candidates.append(workspace.prepared_path(profile))
-    return candidates
-
-
 def _prepared_file(run: Path, profile: Profile) -> Path | None:
-    """The first of `_prepared_candidates` that exists."""
-    return next((c for c in _prepared_candidates(run, profile) if c.is_file()), None)
+    """The first of `workspace.run_prepared_candidates` that exists."""
+    return next((c for c in workspace.run_prepared_candidates(run, profile) if c.is_file()), None)
 
 
 def image_input(run: Path, profile: Profile, ckpt: Path) -> ImageInput:
@@ -193,7 +180,7 @@ def image_input(run: Path, profile: Profile, ckpt: Path) -> ImageInput:
 
     def need(what: str) -> Path:
         if prepared is None:
-            looked = " or ".join(str(c) for c in _prepared_candidates(run, profile))
+            looked = " or ".join(str(c) for c in workspace.run_prepared_candidates(run, profile))
             raise DefectaeError(
                 f"{ckpt}: {what} is recorded only in the run's prepared.h5, not found ({looked})"
             )
@@ -219,13 +206,13 @@ def image_input(run: Path, profile: Profile, ckpt: Path) -> ImageInput:
     intensity: dict[str, Any] = {"mode": ds.intensity}
     if ds.intensity != "none":
         path = need(f"dataset.intensity = '{ds.intensity}': the training images' targets")
-        with open_prepared(path, ds.channels) as f:
-            if "intensity_mean" not in f.attrs:
-                raise DefectaeError(
-                    f"{path}: no intensity_mean / intensity_std attributes, so not prepared with "
-                    f"{ckpt}'s dataset.intensity = '{ds.intensity}'; run `defectae prepare` again"
-                )
-            mean, std = float(f.attrs["intensity_mean"]), float(f.attrs["intensity_std"])
+        targets = intensity_targets(path)
+        if targets is None:
+            raise DefectaeError(
+                f"{path}: no intensity_mean / intensity_std attributes, so not prepared with "
+                f"{ckpt}'s dataset.intensity = '{ds.intensity}'; run `defectae prepare` again"
+            )
+        mean, std = targets
         scaled = " and standard deviation" if ds.intensity == "mean-std" else ""
         intensity.update(
             mean=mean,

@@ -57,8 +57,8 @@ from defectae.stores.checkpoint import (
     require_trained,
 )
 from defectae.stores.predictions import write_csv, write_prediction
-from defectae.stores.prepared import open_prepared
-from defectae.stores.residuals import open_residuals, read_tile, run_normalization
+from defectae.stores.prepared import intensity_targets
+from defectae.stores.residuals import read_tile, run_normalization
 from defectae.stores.scores import read_scored_settings
 
 MAX_STEP = 16  # images per forward step at most: maps at the original size stay small in memory
@@ -259,16 +259,10 @@ def _intensity(run: Path, profile: Profile) -> tuple[str, float, float]:
     mode = profile.dataset.intensity
     if mode == "none":
         return mode, 0.0, 0.0
-    candidates = []
-    residuals = run / "residuals.h5"
-    if residuals.is_file():
-        with open_residuals(residuals) as f:
-            candidates.append(Path(str(f.attrs.get("prepared", ""))))
-    candidates.append(workspace.prepared_path(profile))
-    for path in (c for c in candidates if c.name and c.is_file()):
-        with open_prepared(path) as f:
-            if "intensity_mean" in f.attrs:
-                return mode, float(f.attrs["intensity_mean"]), float(f.attrs["intensity_std"])
+    candidates = workspace.run_prepared_candidates(run, profile)
+    for path in (c for c in candidates if c.is_file()):
+        if (targets := intensity_targets(path)) is not None:
+            return mode, *targets
     raise DefectaeError(
         f"dataset.intensity '{mode}': its training targets are recorded in the run's prepared.h5, "
         f"not found ({', '.join(str(c) for c in candidates)})"

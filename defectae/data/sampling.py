@@ -147,6 +147,7 @@ def make_patches(
     (`compare_levels`), also stored as the file attribute "intensity".
     """
     cfg = profile.augment
+    reflect_pad = 0 if cfg.whole_image else cfg.reflect_pad
     patch_bytes = job.channels * job.size * job.size
     chunk = chunk_rows(cfg.chunk_patches, max(cfg.n_patches, 1), patch_bytes)
     block = chunk * max(1, BLOCK_BYTES // (patch_bytes * chunk))
@@ -181,7 +182,7 @@ def make_patches(
             block,
             advance,
             cfg.sampling,
-            0 if cfg.whole_image else cfg.reflect_pad,
+            reflect_pad,
         )
         write_split(
             f["validation/images"],
@@ -192,7 +193,7 @@ def make_patches(
             block,
             advance,
             cfg.sampling,
-            0 if cfg.whole_image else cfg.reflect_pad,
+            reflect_pad,
         )
         report = compare_levels(patches, image_levels(f["train/images"]))
         write_attrs(pf, {"intensity": report})

@@ -193,6 +193,15 @@ def read_original_masks(f: h5py.File, rows: np.ndarray) -> Ragged | None:
     return Ragged(flat[()].astype(np.uint8, copy=False), sizes).take(rows)
 
 
+def intensity_targets(path: Path) -> tuple[float, float] | None:
+    """The training images' (mean, std) that dataset.intensity moved every image to, as prepare
+    recorded them; None for a file prepared without intensity normalisation."""
+    with open_prepared(path) as f:
+        if "intensity_mean" not in f.attrs:
+            return None
+        return float(f.attrs["intensity_mean"]), float(f.attrs["intensity_std"])
+
+
 def read_strings(f: h5py.File, key: str) -> list[str]:
     """A string dataset (e.g. 'test/names') as a list of str."""
     return _strings(f[key])

@@ -204,6 +204,17 @@ def open_residuals(path: str | Path) -> h5py.File:
     return open_h5(path, FORMAT, FORMAT_VERSION, "tile-test", [f"test/{k}" for k in _FIELDS])
 
 
+def recorded_prepared(path: Path) -> Path | None:
+    """The prepared.h5 a residuals file was made from, as tile-test recorded it; None when the
+    file is missing, unreadable or records none."""
+    if not path.is_file():
+        return None
+    with contextlib.suppress(DefectaeError, KeyError, OSError), open_residuals(path) as f:
+        recorded = str(f.attrs["prepared"])
+        return Path(recorded) if recorded else None
+    return None
+
+
 def _tile_of(f: h5py.File, path: Path) -> TileConfig:
     try:
         data = json.loads(str(f.attrs["tile"]))
