@@ -435,7 +435,7 @@ def test_prepared_round_trip_and_attrs(tmp_path: Path, home: Path) -> None:
     )
     out = Path(s["out"])
     assert out == home / "work" / "mvtec-bottle" / "prepared.h5"
-    with open_prepared(out, channels=3) as f:
+    with open_prepared(out) as f:
         assert f.attrs["layout"] == "mvtec" and f.attrs["source"] == str(root)
         assert f.attrs["category"] == "widget" and list(f.attrs["image_size"]) == [40, 48]
         assert json.loads(f.attrs["dataset"])["category"] == "widget"

@@ -132,6 +132,8 @@ def test_short_side_keeps_the_aspect_ratio_and_tile_test_runs(tmp_path: Path) ->
         "mvtec-bottle-ae",
         sets=[
             "dataset.color=gray",
+            "dataset.image_size=[32, 32]",
+            "dataset.resize=short-side",
             "model.input_size=16",
             "model.args.latent_dim=8",
             "tile.stride=8",
@@ -272,3 +274,38 @@ def test_bad_values_exit_2_with_one_line(tmp_path: Path, key: str, value: str) -
     assert r.returncode == 2 and r.stdout == "" and not out.exists()
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and key in lines[0] and value in lines[0], r.stderr
+
+
+# ----------------------------------------------------------------------------- shared prepared.h5
+
+
+def test_a_prepared_file_made_with_other_pixel_settings_is_refused(tmp_path: Path) -> None:
+    """Profiles of one dataset share prepared.h5: augment must not sample images that another
+    recipe prepared with another dataset.intensity (or size, resize, colour)."""
+    root = make_widget(tmp_path / "mvtec")
+    prepared = tmp_path / "p.h5"
+    made = ["dataset.image_size=[24, 32]", "dataset.intensity=mean-std"]
+    assert _prepare_cli(tmp_path, root, prepared, *made).returncode == 0
+
+    def augment(*sets: str) -> subprocess.CompletedProcess:
+        args = ["dataset.category=widget", "dataset.color=gray", "model.input_size=16"]
+        args += ["augment.n_patches=4", "augment.n_val_patches=2", *sets]
+        return _cli(
+            tmp_path,
+            "augment",
+            "--profile",
+            "mvtec-bottle-ae",
+            "--prepared",
+            str(prepared),
+            "--out",
+            str(tmp_path / "patches.h5"),
+            *[a for s in args for a in ("--set", s)],
+        )
+
+    refused = augment("dataset.image_size=[24, 32]")
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(lines) == 1, refused.stderr
+    assert str(prepared) in lines[0] and "dataset.intensity = 'mean-std'" in lines[0]
+    assert "'none'" in lines[0] and "image_size" not in lines[0]
+    assert not (tmp_path / "patches.h5").exists()
+    assert augment(*made).returncode == 0

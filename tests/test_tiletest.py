@@ -57,7 +57,7 @@ def _split(
     )
 
 
-def _prepared(path: Path, channels: int = 1, size: int = 48) -> Path:
+def _prepared(path: Path, channels: int = 1, size: int = 48, **dataset: str) -> Path:
     rng = np.random.default_rng(0)
     splits = {
         "train": _split(rng, 3, channels, size, ["good"] * 3),
@@ -71,7 +71,7 @@ def _prepared(path: Path, channels: int = 1, size: int = 48) -> Path:
         "image_size": [size, size],
         "color": "gray" if channels == 1 else "rgb",
         "channels": channels,
-        "dataset": {"name": "synthetic"},
+        "dataset": {"name": "synthetic", **dataset},
     }
     return write_prepared(path, splits, attrs)
 
@@ -196,6 +196,9 @@ def test_bad_inputs(setup, tmp_path, monkeypatch):
         tiletest.run(None, run_dir, tmp_path / "missing.h5", None, None)
     with pytest.raises(DefectaeError, match="channel"):
         tiletest.run(None, run_dir, _prepared(tmp_path / "rgb.h5", channels=3), None, None)
+    lit = _prepared(tmp_path / "lit.h5", intensity="mean-std")  # another recipe's preparation
+    with pytest.raises(DefectaeError, match="dataset.intensity = 'mean-std', where this profile"):
+        tiletest.run(None, run_dir, lit, None, None)
     with pytest.raises(DefectaeError, match="model.input_size 32: larger than the prepared images"):
         tiletest.run(None, run_dir, _prepared(tmp_path / "small.h5", size=24), None, None)
     assert not (run_dir / "residuals.h5").exists()

@@ -140,7 +140,7 @@ def reference_data(
             pass
     prepared = _prepared_file(run, profile)
     if prepared is not None:
-        with open_prepared(prepared, c) as f:
+        with open_prepared(prepared, profile.dataset) as f:
             split = "validation" if f["validation/images"].shape[0] else "train"
             stored = f[f"{split}/images"]
             if stored.shape[0] and tuple(stored.shape[2:]) == (h, w):
@@ -190,7 +190,7 @@ def image_input(run: Path, profile: Profile, ckpt: Path) -> ImageInput:
     resize = "bilinear to image_size (as `defectae prepare`)"
     if ds.resize == "short-side":
         path = need("dataset.resize = 'short-side': the exported inspector's input size")
-        with open_prepared(path, ds.channels) as f:
+        with open_prepared(path, ds) as f:
             stored = tuple(int(s) for s in f.attrs["image_size"])
             made = str(f.attrs.get("resize", "stretch"))
         if made != "short-side" or min(stored) != min(size):

@@ -273,7 +273,7 @@ def run(
 
     prepared = Path(prepared) if prepared is not None else workspace.prepared_path(eff)
     out = output_file(out if out is not None else Path(run) / "residuals.h5")
-    with open_prepared(prepared, channels) as src:
+    with open_prepared(prepared, eff.dataset) as src:
         h, w = src["test/images"].shape[2:]
         if not whole_image and patch > min(h, w):
             raise DefectaeError(

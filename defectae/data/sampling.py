@@ -109,7 +109,7 @@ def _warn_settings(cfg: AugmentConfig, image_hw: tuple[int, int], size: int) -> 
 def plan_patches(profile: Profile, prepared: Path) -> PatchJob:
     """Check the prepared file against the profile and plan every sample of both splits."""
     cfg = profile.augment
-    with open_prepared(prepared, channels=profile.dataset.channels) as f:
+    with open_prepared(prepared, profile.dataset) as f:
         train_images, val_images = f["train/images"], f["validation/images"]
         _, channels, h, w = train_images.shape
         size = check_patch_size(profile, (h, w), prepared)
@@ -161,7 +161,7 @@ def make_patches(
         "profile": profile.name,
     }
     with (
-        open_prepared(prepared, channels=profile.dataset.channels) as f,
+        open_prepared(prepared, profile.dataset) as f,
         create_patches(
             out,
             len(job.train),

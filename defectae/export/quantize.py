@@ -98,7 +98,7 @@ def int8_accuracy_cost(
         ).eval()
         for key, m in zip(PRECISIONS, (fp32, int8), strict=True)
     }
-    with open_prepared(prepared, profile.dataset.channels) as f:
+    with open_prepared(prepared, profile.dataset) as f:
         n = f["test/images"].shape[0]
         if n == 0:
             return _no_auroc(0, f"{prepared}: no test images")

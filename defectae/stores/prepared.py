@@ -28,12 +28,14 @@ from defectae import __version__
 from defectae.core.ragged import Ragged
 from defectae.errors import DefectaeError
 from defectae.files import atomic_path, open_h5
+from defectae.profiles.schema import DatasetConfig
 
 FORMAT = "defectae-prepared"
 FORMAT_VERSION = 2
 OLDER_VERSIONS = (1,)  # read, without original-resolution masks
 SPLITS = ("train", "validation", "test")
 FIELDS = ("images", "masks", "labels", "defect_types", "names", "files", "orig_sizes")
+PIXEL_SETTINGS = ("image_size", "resize", "intensity", "color")  # dataset keys the pixels depend on
 
 
 @dataclass
@@ -135,18 +137,47 @@ def _write_original_masks(g: h5py.Group, split: PreparedSplit) -> None:
     g.create_dataset("orig_mask_offsets", data=packed.offsets, track_times=False)
 
 
-def open_prepared(path: str | Path, channels: int | None = None) -> h5py.File:
-    """Open a prepared file read-only after checking its format, version, groups and channels."""
+def open_prepared(path: str | Path, made_as: DatasetConfig | None = None) -> h5py.File:
+    """Open a prepared file read-only after checking its format, version and groups; given the
+    dataset settings a model trains or tests with (`made_as`), also that its pixels were made so."""
     required = [f"{split}/{key}" for split in SPLITS for key in FIELDS]
     f = open_h5(path, FORMAT, FORMAT_VERSION, "prepare", required, OLDER_VERSIONS)
-    if channels is not None and int(f.attrs["channels"]) != channels:
-        found = int(f.attrs["channels"])
-        f.close()
-        raise DefectaeError(
-            f"{path}: images have {found} channel(s), the profile expects {channels} "
-            f"(dataset.color); prepare again with this profile"
-        )
+    if made_as is not None:
+        try:
+            _check_pixels(f, path, made_as)
+        except DefectaeError:
+            f.close()
+            raise
     return f
+
+
+def _check_pixels(f: h5py.File, path: str | Path, dataset: DatasetConfig) -> None:
+    """Refuse pixels prepared with other PIXEL_SETTINGS than `dataset`: every profile of a dataset
+    shares one prepared.h5, so preparing for one recipe can silently change another's images.
+    Root, lists and split fractions are not compared: only `prepare` reads them."""
+    if int(f.attrs["channels"]) != dataset.channels:
+        raise DefectaeError(
+            f"{path}: images have {int(f.attrs['channels'])} channel(s), the profile expects "
+            f"{dataset.channels} (dataset.color); prepare again with this profile"
+        )
+    recorded = json.loads(f.attrs["dataset"]) if "dataset" in f.attrs else {}
+    differ = [
+        key
+        for key in PIXEL_SETTINGS
+        if key in recorded and _plain(recorded[key]) != _plain(getattr(dataset, key))
+    ]
+    if differ:
+        made = ", ".join(f"dataset.{k} = {_plain(recorded[k])!r}" for k in differ)
+        wanted = ", ".join(f"{_plain(getattr(dataset, k))!r}" for k in differ)
+        raise DefectaeError(
+            f"{path}: prepared with {made}, where this profile asks for {wanted}; profiles of "
+            "one dataset share its prepared.h5, so run `defectae prepare` with this profile "
+            "again, or pass the file prepared for it (--prepared)"
+        )
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def _strings(ds: h5py.Dataset) -> list[str]:
